@@ -1,0 +1,29 @@
+//! Link set-up for libtorch (see DESIGN.md, "Decisions already checked on this machine").
+//!
+//! - Stops early, with one sentence naming the set-up command, when libtorch is missing.
+//! - Adds an rpath to libtorch's directory so binaries run without LD_LIBRARY_PATH.
+//! - Links with `--no-as-needed` so that libtorch_cuda stays linked and CUDA works on GPU hosts.
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed=build.rs");
+    let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from);
+    let lib_dir = libtorch.as_ref().map(|root| root.join("lib"));
+    let found = lib_dir
+        .as_ref()
+        .is_some_and(|dir| dir.join("libtorch.so").exists());
+    if !found {
+        eprintln!(
+            "error: libtorch not found (LIBTORCH={}): run `scripts/setup` once, which installs PyTorch 2.11.0 into .venv, then build again.",
+            libtorch
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "unset".into())
+        );
+        std::process::exit(1);
+    }
+    let lib_dir = lib_dir.unwrap();
+    let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+}

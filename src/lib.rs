@@ -1,0 +1,35 @@
+//! # patchgd
+//!
+//! Train convolutional networks on very large images with Patch Gradient Descent (PatchGD),
+//! as a streaming dataflow pipeline.
+//!
+//! ```text
+//! object store (file:// memory:// …)
+//!   │  images table: list objects + labels (CSV/Parquet) → one row per image   [source::catalog]
+//!   ▼
+//! decode (PNG, JPEG)                        ── blocking pool, parallel          [source::decode]
+//!   ▼
+//! patch batches: Arrow RecordBatch, one row per patch, one batch per grid row   [patch]
+//!   │  (image_id, label, split, row, col, x, y, grid_rows, grid_cols, size, channels, pixels)
+//!   │                                       ── bounded in bytes                 [source::stream]
+//!   ▼
+//! schedule: per image, a fill pass, then ζ chunks of a seeded permutation      [train::schedule]
+//!   ▼
+//! PatchGD stage (tch, one dedicated thread): backbone + head + owned Adam      [train, model]
+//!   ▼
+//! sinks: metrics (Parquet, CSV), predictions, errors · weights (safetensors) · plot   [sink]
+//! ```
+//!
+//! A pipeline definition ([`pipeline::Definition`], a YAML file) names the source, patching,
+//! model, method (`patchgd` or the `gd` baseline) and training parameters;
+//! [`pipeline::run`] runs it. [`synth`] generates the UltraMNIST benchmark.
+
+pub mod model;
+pub mod patch;
+pub mod pipeline;
+pub mod rng;
+pub mod sink;
+pub mod source;
+pub mod storage;
+pub mod synth;
+pub mod train;

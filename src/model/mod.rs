@@ -1,0 +1,131 @@
+//! Models: backbone f1 (patch -> D-vector), the PatchGD head f2 over the latent grid Z, and the
+//! GD baseline's linear classifier. Variables are named `backbone.*`, `head.*`, `classifier.*`.
+
+pub mod backbone;
+pub mod head;
+
+pub use backbone::{Backbone, BackboneKind};
+pub use head::Head;
+
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Patch Gradient Descent: backbone on patches, head on the latent grid.
+    Patchgd,
+    /// The baseline: the whole (resized) image through the backbone and a linear classifier.
+    Gd,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub method: Method,
+    pub backbone: BackboneKind,
+    pub channels: i64,
+    pub latent_dim: i64,
+    pub head_width: i64,
+    pub classes: i64,
+}
+
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub spec: ModelSpec,
+    backbone: Backbone,
+    head: Option<Head>,
+    classifier: Option<nn::Linear>,
+}
+
+impl Model {
+    /// Builds with the current libtorch seed (call `tch::manual_seed` first for repeatable init).
+    pub fn new(spec: ModelSpec, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let backbone = Backbone::new(
+            &(&root / "backbone"),
+            spec.backbone,
+            spec.channels,
+            spec.latent_dim,
+        );
+        let (head, classifier) = match spec.method {
+            Method::Patchgd => (
+                Some(Head::new(
+                    &(&root / "head"),
+                    spec.latent_dim,
+                    spec.head_width,
+                    spec.classes,
+                )),
+                None,
+            ),
+            Method::Gd => (
+                None,
+                Some(nn::linear(
+                    &root / "classifier",
+                    spec.latent_dim,
+                    spec.classes,
+                    Default::default(),
+                )),
+            ),
+        };
+        Self {
+            vs,
+            spec,
+            backbone,
+            head,
+            classifier,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Patches (N x C x m x m, normalised) -> N x D.
+    pub fn encode(&self, patches: &Tensor, train: bool) -> Tensor {
+        self.backbone.forward_t(patches, train)
+    }
+
+    /// Latent grid (B x D x rows x cols) -> B x classes logits.
+    pub fn classify_grid(&self, z: &Tensor, train: bool) -> Tensor {
+        self.head
+            .as_ref()
+            .expect("classify_grid needs a PatchGD model")
+            .forward_t(z, train)
+    }
+
+    /// Whole-image vectors (B x D) -> B x classes logits (the GD baseline).
+    pub fn classify_vector(&self, v: &Tensor) -> Tensor {
+        v.apply(
+            self.classifier
+                .as_ref()
+                .expect("classify_vector needs a GD model"),
+        )
+    }
+
+    /// Trainable tensors of the backbone and of the rest, by name, sorted.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Trainable parameters in a fixed (name) order, so that optimizer state lines up across runs.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        self.named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+}
+
+/// u8 HWC patches (n x m x m x c bytes) -> n x c x m x m float in [-1, 1] on `device`.
+pub fn to_input(pixels: &[u8], n: usize, m: usize, c: usize, device: Device) -> Tensor {
+    Tensor::from_slice(pixels)
+        .view([n as i64, m as i64, m as i64, c as i64])
+        .to_device(device)
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        .g_div_scalar(127.5)
+        .g_sub_scalar(1.0)
+}

@@ -1,0 +1,22 @@
+//! Patches: grid geometry, and patch rows as Arrow record batches (schema in
+//! `schemas/patches.md`).
+
+pub mod batch;
+pub mod grid;
+
+pub use batch::{ImageAssembler, ImagePatches, patch_schema};
+pub use grid::Grid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("patch size {patch} is larger than the image ({width} x {height} px)")]
+    PatchLargerThanImage {
+        width: usize,
+        height: usize,
+        patch: usize,
+    },
+    #[error("bad patch geometry: {0}")]
+    Geometry(String),
+    #[error("malformed patch batch: {0}")]
+    Malformed(String),
+}

@@ -1,0 +1,419 @@
+//! Pipeline definitions: the YAML file a user runs (`patchgd run FILE`). Parsed strictly
+//! (unknown keys are refused, with the allowed keys named) and validated before anything runs.
+//! Reference: docs/pipeline-reference.md; JSON Schema: schemas/pipeline.schema.json.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BackboneKind, Method};
+use crate::train::Accumulation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("cannot read pipeline file '{file}': {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("pipeline file '{file}': {message}")]
+    Parse { file: String, message: String },
+    #[error("pipeline file '{file}': key '{key}': {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    /// A name for the run, used in logs.
+    #[serde(default = "default_name")]
+    pub name: String,
+    pub source: SourceSpec,
+    pub patch: PatchSpec,
+    pub model: ModelSection,
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default)]
+    pub patchgd: PatchGdSpec,
+    #[serde(default)]
+    pub gd: GdSpec,
+    pub train: TrainSpec,
+    /// Where the run writes metrics, predictions, errors, weights and the plot.
+    pub output: String,
+    /// How `patchgd synth ultramnist --config FILE` generates this pipeline's data set.
+    #[serde(default)]
+    pub synth: Option<SynthSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// URL or path of the images (every object under it is an image).
+    pub images: String,
+    /// URL or path of the labels table (CSV with header, or Parquet): image_id, label, split.
+    pub labels: String,
+    /// 1 (grey) or 3 (RGB): images are converted to this.
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    /// Images decoded in parallel.
+    #[serde(default = "default_decode_workers")]
+    pub decode_workers: usize,
+    /// MiB of patch batches buffered between the source and the trainer.
+    #[serde(default = "default_buffer_mib")]
+    pub buffer_mib: usize,
+    /// `skip`: report a bad image in the errors table and go on; `stop`: end the run.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Skip,
+    Stop,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchSpec {
+    pub size: usize,
+    /// Defaults to `size` (no overlap).
+    #[serde(default)]
+    pub stride: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub backbone: BackboneKind,
+    /// D: the size of one patch's latent vector.
+    #[serde(default = "default_latent_dim")]
+    pub latent_dim: i64,
+    /// Width of the PatchGD head's conv blocks.
+    #[serde(default = "default_head_width")]
+    pub head_width: i64,
+    /// Number of classes; omitted = largest label + 1.
+    #[serde(default)]
+    pub classes: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchGdSpec {
+    /// rho: the fraction of patches sampled with gradient per inner iteration.
+    #[serde(default = "default_rho")]
+    pub sampling_fraction: f64,
+    /// epsilon: `zeta` (step once per outer step) or `one` (step every inner iteration).
+    #[serde(default = "default_accumulation")]
+    pub accumulation: Accumulation,
+    /// Patches per backbone call in the fill pass and at inference.
+    #[serde(default = "default_fill_chunk")]
+    pub fill_chunk: i64,
+}
+
+impl Default for PatchGdSpec {
+    fn default() -> Self {
+        Self {
+            sampling_fraction: default_rho(),
+            accumulation: default_accumulation(),
+            fill_chunk: default_fill_chunk(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GdSpec {
+    /// The GD baseline resizes each whole image to image_size x image_size.
+    #[serde(default = "default_gd_size")]
+    pub image_size: u32,
+}
+
+impl Default for GdSpec {
+    fn default() -> Self {
+        Self {
+            image_size: default_gd_size(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub epochs: u64,
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Linear warm-up length in epochs.
+    #[serde(default = "default_warmup")]
+    pub warmup_epochs: f64,
+    /// Epoch at which the linear decay reaches zero (the horizon); defaults to `epochs`.
+    #[serde(default)]
+    pub decay_epochs: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthSpec {
+    /// Where the data set goes: images under OUT/images, labels in OUT/labels.csv.
+    pub out: String,
+    pub size: u32,
+    pub classes: u32,
+    pub train: usize,
+    pub val: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_name() -> String {
+    "run".into()
+}
+fn default_method() -> Method {
+    Method::Patchgd
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_decode_workers() -> usize {
+    2
+}
+fn default_buffer_mib() -> usize {
+    256
+}
+fn default_latent_dim() -> i64 {
+    256
+}
+fn default_head_width() -> i64 {
+    256
+}
+fn default_rho() -> f64 {
+    0.25
+}
+fn default_accumulation() -> Accumulation {
+    Accumulation::Zeta
+}
+fn default_fill_chunk() -> i64 {
+    256
+}
+fn default_gd_size() -> u32 {
+    256
+}
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_warmup() -> f64 {
+    2.0
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Definition {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, DefinitionError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| DefinitionError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::from_yaml(&text, &file)
+    }
+
+    /// Parse and validate; `file` names the source in messages.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Self, DefinitionError> {
+        let def: Definition = serde_norway::from_str(text).map_err(|e| DefinitionError::Parse {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        def.validate(file)?;
+        Ok(def)
+    }
+
+    /// Parse with `key.path=value` overrides applied first (values are YAML scalars), e.g.
+    /// `method=gd` or `train.epochs=3`: how the CLI's `--set` runs a variant of one file.
+    pub fn from_yaml_with_overrides(
+        text: &str,
+        file: &str,
+        overrides: &[&str],
+    ) -> Result<Self, DefinitionError> {
+        let parse_err = |message: String| DefinitionError::Parse {
+            file: file.to_string(),
+            message,
+        };
+        let mut doc: serde_norway::Value =
+            serde_norway::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        for item in overrides {
+            let (key, raw) = item.split_once('=').ok_or_else(|| {
+                parse_err(format!(
+                    "override '{item}' is not KEY=VALUE (for example train.epochs=3)"
+                ))
+            })?;
+            let value: serde_norway::Value = serde_norway::from_str(raw)
+                .map_err(|e| parse_err(format!("override '{item}': {e}")))?;
+            let mut node = &mut doc;
+            for part in key.split('.') {
+                let map = node.as_mapping_mut().ok_or_else(|| {
+                    parse_err(format!(
+                        "override '{item}': '{part}' is not inside a mapping"
+                    ))
+                })?;
+                let k = serde_norway::Value::String(part.to_string());
+                if !map.contains_key(&k) {
+                    map.insert(k.clone(), serde_norway::Value::Mapping(Default::default()));
+                }
+                node = map.get_mut(&k).expect("just inserted");
+            }
+            *node = value;
+        }
+        let def: Definition =
+            serde_norway::from_value(doc).map_err(|e| parse_err(e.to_string()))?;
+        def.validate(file)?;
+        Ok(def)
+    }
+
+    pub fn stride(&self) -> usize {
+        self.patch.stride.unwrap_or(self.patch.size)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), DefinitionError> {
+        let bad = |key: &str, message: String| {
+            Err(DefinitionError::Invalid {
+                file: file.into(),
+                key: key.into(),
+                message,
+            })
+        };
+        if self.patch.size == 0 {
+            return bad("patch.size", "must be a positive number of pixels".into());
+        }
+        if self.patch.stride == Some(0) {
+            return bad("patch.stride", "must be a positive number of pixels".into());
+        }
+        if !matches!(self.source.channels, 1 | 3) {
+            return bad(
+                "source.channels",
+                format!("is {}; allowed: 1 (grey) or 3 (RGB)", self.source.channels),
+            );
+        }
+        if self.source.decode_workers == 0 {
+            return bad("source.decode_workers", "must be at least 1".into());
+        }
+        if self.source.buffer_mib == 0 {
+            return bad("source.buffer_mib", "must be at least 1".into());
+        }
+        let rho = self.patchgd.sampling_fraction;
+        if !(rho > 0.0 && rho <= 1.0) {
+            return bad(
+                "patchgd.sampling_fraction",
+                format!("is {rho}; allowed: 0 < value <= 1"),
+            );
+        }
+        if self.patchgd.fill_chunk < 1 {
+            return bad("patchgd.fill_chunk", "must be at least 1".into());
+        }
+        if self.gd.image_size == 0 {
+            return bad(
+                "gd.image_size",
+                "must be a positive number of pixels".into(),
+            );
+        }
+        if self.model.latent_dim < 1 {
+            return bad("model.latent_dim", "must be at least 1".into());
+        }
+        if self.model.head_width < 1 {
+            return bad("model.head_width", "must be at least 1".into());
+        }
+        if let Some(c) = self.model.classes {
+            if c < 2 {
+                return bad(
+                    "model.classes",
+                    format!("is {c}; at least 2 classes are needed"),
+                );
+            }
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            return bad("train.epochs", "must be at least 1".into());
+        }
+        if t.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(
+                "train.lr",
+                format!("is {}; must be a positive number", t.lr),
+            );
+        }
+        if !(t.warmup_epochs >= 0.0) {
+            return bad("train.warmup_epochs", "must be 0 or more".into());
+        }
+        if let Some(h) = t.decay_epochs {
+            if !(h > t.warmup_epochs) {
+                return bad(
+                    "train.decay_epochs",
+                    format!(
+                        "is {h}; must be greater than warmup_epochs ({})",
+                        t.warmup_epochs
+                    ),
+                );
+            }
+        }
+        if !(t.weight_decay >= 0.0) {
+            return bad("train.weight_decay", "must be 0 or more".into());
+        }
+        if let Some(s) = &self.synth {
+            if s.classes < 2 || s.classes > 46 {
+                return bad(
+                    "synth.classes",
+                    format!(
+                        "is {}; allowed: 2 to 46 (sums of at most five digits)",
+                        s.classes
+                    ),
+                );
+            }
+            if s.size < 28 {
+                return bad(
+                    "synth.size",
+                    format!("is {}; must be at least 28 px", s.size),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MINIMAL: &str = "source: {images: data/x, labels: data/x.csv}\npatch: {size: 32}\nmodel: {backbone: small_cnn}\ntrain: {epochs: 1, batch_size: 2}\noutput: out/x\n";
+
+    #[test]
+    fn minimal_file_gets_the_documented_defaults() {
+        let d = Definition::from_yaml(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(d.stride(), 32);
+        assert_eq!(d.method, Method::Patchgd);
+        assert_eq!(d.patchgd.accumulation, Accumulation::Zeta);
+        assert_eq!(
+            (d.train.lr, d.train.seed, d.model.latent_dim),
+            (1e-3, 42, 256)
+        );
+    }
+}

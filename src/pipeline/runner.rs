@@ -1,0 +1,360 @@
+//! The runner wires the stages: catalog → per epoch, a source stream for train then val →
+//! trainer → sinks. The trainer runs on the calling thread (all tch work on one OS thread);
+//! the source and the object store writes run on a tokio runtime in the background.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::Device;
+
+use super::definition::{Definition, DeviceChoice, OnError};
+use crate::model::{Method, Model, ModelSpec};
+use crate::rng::Rng;
+use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
+use crate::sink::{EpochMetrics, plot, weights};
+use crate::source::{Catalog, Failure, Split, StreamConfig, stream_images};
+use crate::storage::Location;
+use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
+use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("{0}")]
+    Data(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("cannot write {what}: {reason}")]
+    Write { what: String, reason: String },
+}
+
+/// What a run did, written as summary.json and returned to the caller.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub name: String,
+    pub method: Method,
+    pub device: String,
+    pub classes: i64,
+    pub epochs: u64,
+    /// Objects under the images URL.
+    pub images_seen: usize,
+    /// Images trained or evaluated on in the first epoch.
+    pub images_used: usize,
+    /// Distinct images in the errors table.
+    pub images_failed: usize,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub final_val_accuracy: f64,
+    pub final_val_qwk: f64,
+    pub final_val_loss: f64,
+    pub wall_seconds: f64,
+    pub output: String,
+}
+
+pub fn choose_device(choice: DeviceChoice) -> Result<Device, RunError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(RunError::Device(
+            "train.device is cuda but no CUDA device is available".into(),
+        )),
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool, images: usize) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(images as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} images {elapsed_precise} {msg}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self { bar }
+    }
+    fn start(&self, prefix: String, offset: usize) {
+        if let Some(b) = &self.bar {
+            b.set_prefix(prefix);
+            b.set_position(offset as u64);
+        }
+    }
+    fn set(&self, pos: usize) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos as u64);
+        }
+    }
+    /// Progress bar on a terminal, plain log lines otherwise.
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Run a pipeline definition to the end. `show_progress` draws a bar when stderr is a terminal.
+pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let _guard = rt.enter();
+    let images = Location::parse(&def.source.images)?;
+    let output = Location::parse(&def.output)?;
+    let catalog = rt.block_on(Catalog::load(&images, &def.source.labels))?;
+    let train_set = catalog.split(Split::Train);
+    let val_set = catalog.split(Split::Val);
+    if train_set.is_empty() {
+        return Err(RunError::Data(format!(
+            "no labelled training images (split 'train') under '{}'",
+            images.url
+        )));
+    }
+    let classes = def
+        .model
+        .classes
+        .unwrap_or(catalog.implied_classes().max(2) as i64);
+    if let Some(e) = catalog.images.iter().find(|e| e.label >= classes) {
+        return Err(RunError::Data(format!(
+            "image '{}' has label {} but model.classes is {classes}: labels must be 0..{}",
+            e.image_id,
+            e.label,
+            classes - 1
+        )));
+    }
+    let device = choose_device(def.train.device)?;
+    tch::manual_seed(def.train.seed as i64);
+    let spec = ModelSpec {
+        method: def.method,
+        backbone: def.model.backbone,
+        channels: def.source.channels as i64,
+        latent_dim: def.model.latent_dim,
+        head_width: def.model.head_width,
+        classes,
+    };
+    let steps_per_epoch = train_set.len().div_ceil(def.train.batch_size) as f64;
+    let schedule = LrSchedule {
+        peak: def.train.lr,
+        warmup_steps: (def.train.warmup_epochs * steps_per_epoch).round() as u64,
+        horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
+            .round() as u64,
+    };
+    let mut trainer = Trainer::new(
+        Model::new(spec, device),
+        TrainerConfig {
+            batch_size: def.train.batch_size,
+            sampling_fraction: def.patchgd.sampling_fraction,
+            accumulation: def.patchgd.accumulation,
+            fill_chunk: def.patchgd.fill_chunk,
+            schedule,
+            weight_decay: def.train.weight_decay,
+            seed: def.train.seed,
+        },
+    );
+    let stream_config = match def.method {
+        Method::Patchgd => StreamConfig {
+            patch: def.patch.size,
+            stride: def.stride(),
+            channels: def.source.channels,
+            resize_to: None,
+            decode_workers: def.source.decode_workers,
+            buffer_bytes: def.source.buffer_mib << 20,
+        },
+        Method::Gd => StreamConfig {
+            patch: def.gd.image_size as usize,
+            stride: def.gd.image_size as usize,
+            channels: def.source.channels,
+            resize_to: Some(def.gd.image_size),
+            decode_workers: def.source.decode_workers,
+            buffer_bytes: def.source.buffer_mib << 20,
+        },
+    };
+
+    let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
+    let mut metrics: Vec<EpochMetrics> = Vec::new();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    let mut last_eval = PassOutcome::default();
+    let progress = Progress::new(show_progress, train_set.len() + val_set.len());
+    progress.line(format!(
+        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing",
+        def.name,
+        match def.method {
+            Method::Patchgd => "PatchGD",
+            Method::Gd => "GD",
+        },
+        device_name(device),
+        train_set.len(),
+        val_set.len(),
+        catalog.failures.len()
+    ));
+    let stop_on_error = |errors: &[(u64, Failure)]| -> Result<(), RunError> {
+        match (def.source.on_error, errors.first()) {
+            (OnError::Stop, Some((_, f))) => Err(RunError::Data(format!(
+                "stopping (source.on_error: stop): image '{}' ({}): {}",
+                f.image_id, f.url, f.message
+            ))),
+            _ => Ok(()),
+        }
+    };
+    stop_on_error(&errors)?;
+    for epoch in 1..=def.train.epochs {
+        let mut order = train_set.clone();
+        Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
+        progress.start(format!("epoch {epoch}/{}", def.train.epochs), 0);
+        let rx = stream_images(images.clone(), order, stream_config.clone());
+        let train = trainer.run_pass(Phase::Train, rx, |n| progress.set(n));
+        let rx = stream_images(images.clone(), val_set.clone(), stream_config.clone());
+        let eval = trainer.run_pass(Phase::Evaluate, rx, |n| progress.set(train_set.len() + n));
+        if epoch == 1 {
+            used.extend(train_set.iter().chain(&val_set).map(|e| e.image_id.clone()));
+            for f in train.failures.iter().chain(&eval.failures) {
+                used.remove(&f.image_id);
+            }
+        }
+        errors.extend(
+            train
+                .failures
+                .iter()
+                .chain(&eval.failures)
+                .map(|f| (epoch, f.clone())),
+        );
+        stop_on_error(&errors)?;
+        if train.images == 0 {
+            return Err(RunError::Data(format!(
+                "no training image could be used in epoch {epoch}: {} failed; first: {}",
+                train.failures.len(),
+                train
+                    .failures
+                    .first()
+                    .map_or("-".into(), |f| format!("'{}': {}", f.image_id, f.message))
+            )));
+        }
+        let truth: Vec<i64> = eval.predictions.iter().map(|p| p.label).collect();
+        let predicted: Vec<i64> = eval.predictions.iter().map(|p| p.predicted).collect();
+        let row = EpochMetrics {
+            epoch,
+            train_loss: train.loss(),
+            train_accuracy: train.accuracy(),
+            val_loss: eval.loss(),
+            val_accuracy: eval.accuracy(),
+            val_qwk: quadratic_weighted_kappa(&truth, &predicted, classes as usize),
+            lr: trainer
+                .config
+                .schedule
+                .lr(trainer.outer_steps.saturating_sub(1)),
+            optimizer_steps: trainer.optimizer.steps as u64,
+            patches_per_s: train.patch_passes as f64 / train.seconds.max(1e-9),
+            images_per_s: train.images as f64 / train.seconds.max(1e-9),
+            peak_rss_bytes: peak_rss_bytes(),
+            seconds: train.seconds + eval.seconds,
+        };
+        progress.line(format!(
+            "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} qwk {:.3} | {:.0} patches/s, {:.1} images/s | {:.1} s",
+            def.train.epochs,
+            row.train_loss,
+            row.train_accuracy,
+            row.val_loss,
+            row.val_accuracy,
+            row.val_qwk,
+            row.patches_per_s,
+            row.images_per_s,
+            row.seconds
+        ));
+        metrics.push(row);
+        // Written every epoch, so an interrupted run still has its curves so far.
+        let batch = metrics_batch(&metrics);
+        rt.block_on(output.put("metrics.parquet", to_parquet(&batch)))?;
+        rt.block_on(output.put("metrics.csv", to_csv(&batch)))?;
+        last_eval = eval;
+    }
+    progress.finish();
+
+    let epochs = def.train.epochs;
+    let col = |f: fn(&EpochMetrics) -> f64| metrics.iter().map(f).collect::<Vec<f64>>();
+    let png = plot::learning_curves(
+        &col(|m| m.train_loss),
+        &col(|m| m.val_loss),
+        &col(|m| m.train_accuracy),
+        &col(|m| m.val_accuracy),
+    );
+    let weights = weights::safetensors_bytes(&trainer.model.named_parameters()).map_err(|e| {
+        RunError::Write {
+            what: "weights".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let failed: BTreeSet<&str> = errors.iter().map(|(_, f)| f.image_id.as_str()).collect();
+    let last = metrics.last().expect("at least one epoch");
+    let summary = RunSummary {
+        name: def.name.clone(),
+        method: def.method,
+        device: device_name(device),
+        classes,
+        epochs,
+        images_seen: catalog.objects,
+        images_used: used.len(),
+        images_failed: failed.len(),
+        train_images: train_set.len(),
+        val_images: val_set.len(),
+        final_val_accuracy: last.val_accuracy,
+        final_val_qwk: last.val_qwk,
+        final_val_loss: last.val_loss,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        output: output.url.clone(),
+    };
+    rt.block_on(async {
+        output
+            .put(
+                "predictions.parquet",
+                to_parquet(&predictions_batch(epochs, &last_eval.predictions)),
+            )
+            .await?;
+        output
+            .put("errors.parquet", to_parquet(&errors_batch(&errors)))
+            .await?;
+        output.put("learning_curves.png", png).await?;
+        output.put("model.safetensors", weights).await?;
+        output
+            .put(
+                "pipeline.yaml",
+                serde_norway::to_string(def).unwrap_or_default(),
+            )
+            .await?;
+        output
+            .put(
+                "summary.json",
+                serde_json::to_vec_pretty(&summary).expect("summary to JSON"),
+            )
+            .await
+    })?;
+    Ok(summary)
+}

@@ -1,0 +1,281 @@
+//! The images table: every object under the images URL joined with the labels table.
+//!
+//! An image's id is its path under the images URL without the extension
+//! (`images/train/000001.png` under `images/` has id `train/000001`). The labels table (CSV with
+//! a header, or Parquet) needs the columns `image_id`, `label` (integer) and `split`
+//! (`train` or `val`); its `image_id` may be given with or without the extension.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, Int64Array, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use arrow::record_batch::RecordBatch;
+use object_store::path::Path;
+
+use super::{Failure, Result, SourceError};
+use crate::storage::{Location, StorageError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Val,
+}
+
+impl Split {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageEntry {
+    pub image_id: String,
+    pub path: Path,
+    pub url: String,
+    pub label: i64,
+    pub split: Split,
+}
+
+/// The labelled images under a URL, and the objects that could not be labelled.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub images: Vec<ImageEntry>,
+    pub failures: Vec<Failure>,
+    /// Number of objects listed (images seen at listing time).
+    pub objects: usize,
+}
+
+impl Catalog {
+    pub fn split(&self, split: Split) -> Vec<ImageEntry> {
+        self.images
+            .iter()
+            .filter(|e| e.split == split)
+            .cloned()
+            .collect()
+    }
+
+    /// Largest label + 1: the number of classes the data implies.
+    pub fn implied_classes(&self) -> usize {
+        self.images.iter().map(|e| e.label + 1).max().unwrap_or(0) as usize
+    }
+
+    pub async fn load(images: &Location, labels_url: &str) -> Result<Self> {
+        let labels = load_labels(labels_url).await?;
+        let (labels_loc, labels_path) = split_url(labels_url)?;
+        let objects = images.list().await?;
+        let mut catalog = Catalog::default();
+        for meta in objects {
+            // The labels table may live under the images prefix; it is not an image.
+            if labels_loc.url_of(&labels_path) == images.url_of(&meta.location) {
+                continue;
+            }
+            catalog.objects += 1;
+            let rel = images
+                .relative(&meta.location)
+                .unwrap_or_else(|| meta.location.to_string());
+            let id = strip_extension(&rel).to_string();
+            let url = images.url_of(&meta.location);
+            match labels.get(&id).or_else(|| labels.get(&rel)) {
+                Some((label, split)) => catalog.images.push(ImageEntry {
+                    image_id: id,
+                    path: meta.location,
+                    url,
+                    label: *label,
+                    split: *split,
+                }),
+                None => catalog.failures.push(Failure {
+                    message: format!("no row with image_id '{id}' in labels table '{labels_url}'"),
+                    image_id: id,
+                    url,
+                    stage: "labels".into(),
+                }),
+            }
+        }
+        if catalog.objects == 0 {
+            return Err(SourceError::Empty {
+                url: images.url.clone(),
+            });
+        }
+        Ok(catalog)
+    }
+}
+
+fn strip_extension(rel: &str) -> &str {
+    match rel.rfind('.') {
+        Some(dot) if !rel[dot..].contains('/') => &rel[..dot],
+        _ => rel,
+    }
+}
+
+/// Splits `scheme://.../dir/file` into the directory's location and the file's path.
+fn split_url(url: &str) -> Result<(Location, Path)> {
+    let (dir, file) = url.rsplit_once('/').unwrap_or((".", url));
+    let dir = if dir.ends_with(':') || dir.ends_with(":/") {
+        format!("{dir}/")
+    } else {
+        dir.to_string()
+    };
+    let loc = Location::parse(&dir)?;
+    let path = loc.path(file);
+    Ok((loc, path))
+}
+
+/// image_id -> (label, split), from CSV or Parquet.
+pub async fn load_labels(url: &str) -> Result<HashMap<String, (i64, Split)>> {
+    let err = |reason: String| SourceError::Labels {
+        url: url.to_string(),
+        reason,
+    };
+    let (loc, path) = split_url(url)?;
+    let bytes = match loc.get(&path).await {
+        Err(StorageError::NotFound { .. }) => return Err(err("does not exist".into())),
+        other => other?,
+    };
+    let batches: Vec<RecordBatch> = if url.ends_with(".parquet") {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+        reader
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?
+    } else {
+        let format = arrow::csv::reader::Format::default().with_header(true);
+        let (schema, _) = format
+            .infer_schema(std::io::Cursor::new(&bytes), Some(100))
+            .map_err(|e| err(format!("not a readable CSV file with a header: {e}")))?;
+        let reader = arrow::csv::ReaderBuilder::new(Arc::new(schema))
+            .with_format(format)
+            .build(std::io::Cursor::new(bytes))
+            .map_err(|e| err(e.to_string()))?;
+        reader
+            .collect::<Result<_, _>>()
+            .map_err(|e| err(e.to_string()))?
+    };
+    let mut out = HashMap::new();
+    let mut row_number = 0usize;
+    for batch in batches {
+        let col = |name: &str, ty: &DataType| -> Result<Arc<dyn Array>> {
+            let c = batch.column_by_name(name).ok_or_else(|| {
+                let names: Vec<_> = batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
+                err(format!(
+                    "has no column '{name}' (it has: {}); expected image_id, label, split",
+                    names.join(", ")
+                ))
+            })?;
+            cast(c, ty).map_err(|e| err(format!("column '{name}' cannot be read as {ty}: {e}")))
+        };
+        let ids = col("image_id", &DataType::Utf8)?;
+        let labels = col("label", &DataType::Int64)?;
+        let splits = col("split", &DataType::Utf8)?;
+        let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
+        let labels = labels.as_any().downcast_ref::<Int64Array>().unwrap();
+        let splits = splits.as_any().downcast_ref::<StringArray>().unwrap();
+        for i in 0..batch.num_rows() {
+            row_number += 1;
+            if ids.is_null(i) || labels.is_null(i) || splits.is_null(i) {
+                return Err(err(format!(
+                    "row {row_number} has an empty image_id, label or split"
+                )));
+            }
+            if labels.value(i) < 0 {
+                return Err(err(format!(
+                    "row {row_number}: label {} is negative; labels are 0..classes-1",
+                    labels.value(i)
+                )));
+            }
+            let split = match splits.value(i) {
+                "train" => Split::Train,
+                "val" => Split::Val,
+                other => {
+                    return Err(err(format!(
+                        "row {row_number}: split '{other}' is not one of: train, val"
+                    )));
+                }
+            };
+            out.insert(ids.value(i).to_string(), (labels.value(i), split));
+        }
+    }
+    if out.is_empty() {
+        return Err(err("has no rows".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_drop_only_the_file_extension() {
+        assert_eq!(strip_extension("train/001.png"), "train/001");
+        assert_eq!(strip_extension("a.b/c"), "a.b/c");
+        assert_eq!(strip_extension("noext"), "noext");
+    }
+
+    #[tokio::test]
+    async fn labels_are_joined_and_unlabelled_images_are_failures() {
+        let root = Location::parse("memory://catalog-test/ds").unwrap();
+        root.put(
+            "labels.csv",
+            "image_id,label,split\ntrain/a,1,train\nval/b,0,val\n",
+        )
+        .await
+        .unwrap();
+        root.put("images/train/a.png", "x").await.unwrap();
+        root.put("images/val/b.png", "x").await.unwrap();
+        root.put("images/val/c.png", "x").await.unwrap();
+        let images = Location::parse("memory://catalog-test/ds/images").unwrap();
+        let cat = Catalog::load(&images, "memory://catalog-test/ds/labels.csv")
+            .await
+            .unwrap();
+        assert_eq!(cat.objects, 3);
+        assert_eq!(cat.images.len(), 2);
+        assert_eq!(cat.split(Split::Train)[0].label, 1);
+        assert_eq!(cat.failures.len(), 1);
+        assert!(
+            cat.failures[0].message.contains("val/c"),
+            "{:?}",
+            cat.failures
+        );
+        assert_eq!(cat.implied_classes(), 2);
+    }
+
+    #[tokio::test]
+    async fn bad_labels_tables_name_what_is_wrong() {
+        let root = Location::parse("memory://catalog-test2/ds").unwrap();
+        root.put("nolabel.csv", "image_id,split\na,train\n")
+            .await
+            .unwrap();
+        root.put("badsplit.csv", "image_id,label,split\na,1,test\n")
+            .await
+            .unwrap();
+        let e = load_labels("memory://catalog-test2/ds/missing.csv")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.csv") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = load_labels("memory://catalog-test2/ds/nolabel.csv")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no column 'label'"), "{e}");
+        let e = load_labels("memory://catalog-test2/ds/badsplit.csv")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("split 'test'"), "{e}");
+    }
+}

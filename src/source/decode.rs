@@ -1,0 +1,98 @@
+//! Decoding PNG and JPEG (grey or RGB) into interleaved u8 pixels with the channel count the
+//! pipeline asks for, optionally resized (the GD baseline's whole-image input).
+
+use image::imageops::FilterType;
+
+/// A decoded image, HWC u8.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// Decode `bytes` (PNG or JPEG, detected from content) into `channels` (1 = grey, 3 = RGB).
+/// With `resize_to`, the whole image is resized to `resize_to` x `resize_to` (bilinear).
+pub fn decode(bytes: &[u8], channels: usize, resize_to: Option<u32>) -> Result<Decoded, String> {
+    let format = image::guess_format(bytes)
+        .map_err(|_| "not a PNG or JPEG image (unrecognised content)".to_string())?;
+    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
+        return Err(format!(
+            "{format:?} images are not supported; expected PNG or JPEG"
+        ));
+    }
+    let mut img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err("image has zero size".into());
+    }
+    if let Some(size) = resize_to {
+        img = img.resize_exact(size, size, FilterType::Triangle);
+    }
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let pixels = match channels {
+        1 => img.into_luma8().into_raw(),
+        3 => img.into_rgb8().into_raw(),
+        other => return Err(format!("{other} channels requested; expected 1 or 3")),
+    };
+    Ok(Decoded {
+        width,
+        height,
+        channels,
+        pixels,
+    })
+}
+
+/// Encode grey or RGB pixels as PNG.
+pub fn encode_png(width: u32, height: u32, channels: usize, pixels: &[u8]) -> Vec<u8> {
+    let color = if channels == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    let mut out = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut out),
+        pixels,
+        width,
+        height,
+        color,
+    )
+    .expect("PNG encoding of an in-memory buffer");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_and_jpeg_decode_to_requested_channels() {
+        let grey: Vec<u8> = (0..64).map(|i| (i * 4) as u8).collect();
+        let png = encode_png(8, 8, 1, &grey);
+        let d = decode(&png, 1, None).unwrap();
+        assert_eq!((d.width, d.height, d.pixels), (8, 8, grey.clone()));
+        let rgb = decode(&png, 3, None).unwrap();
+        assert_eq!(rgb.pixels.len(), 8 * 8 * 3);
+        assert_eq!(&rgb.pixels[3..6], &[4, 4, 4]);
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode(&rgb.pixels, 8, 8, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let j = decode(&jpeg, 1, Some(4)).unwrap();
+        assert_eq!((j.width, j.height, j.pixels.len()), (4, 4, 16));
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        assert!(
+            decode(b"hello world", 1, None)
+                .unwrap_err()
+                .contains("not a PNG or JPEG")
+        );
+        let png = encode_png(8, 8, 1, &[0; 64]);
+        let err = decode(&png[..png.len() / 2], 1, None).unwrap_err();
+        assert!(err.contains("cannot decode"), "{err}");
+    }
+}

@@ -1,0 +1,34 @@
+//! The source: list images under a URL, join the labels table, decode, and cut patches into a
+//! byte-bounded stream of Arrow record batches.
+
+pub mod catalog;
+pub mod decode;
+pub mod stream;
+
+pub use catalog::{Catalog, ImageEntry, Split};
+pub use stream::{PatchBatch, SourceItem, StreamConfig, stream_images};
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("labels table '{url}': {reason}")]
+    Labels { url: String, reason: String },
+    #[error("no images under '{url}'")]
+    Empty { url: String },
+}
+
+pub type Result<T, E = SourceError> = std::result::Result<T, E>;
+
+/// An image that could not be used, and why. Written to the run's errors table and counted:
+/// images seen = images used + failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub image_id: String,
+    pub url: String,
+    /// Where it failed: `labels`, `read`, `decode` or `patch`.
+    pub stage: String,
+    pub message: String,
+}

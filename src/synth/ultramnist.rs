@@ -1,0 +1,196 @@
+//! The UltraMNIST recipe (METHOD.md): a black M x M canvas with 3 to 5 digits at random
+//! non-overlapping positions; label = sum of the digits. Each digit is scaled by r in 1..9
+//! with weights [5,4,3,2,1,1,2,3,4]/25 (28 * r px; when r = 1, half the time 14 px). Scales
+//! whose digit would not fit the canvas are drawn again, and a layout that cannot be placed
+//! without overlap after 200 tries per digit is drawn again from new scales.
+//!
+//! Labels are balanced: image i of a split gets class i mod classes, in a seeded shuffled
+//! order. For each image, the number of digits is drawn among those that can reach the
+//! label, then one multiset of digits with that sum. Every image has its own RNG stream
+//! (seed, split, index), so the output is byte-identical for a seed however it is produced.
+
+use super::glyphs;
+use super::mnist::MnistDigits;
+use crate::rng::Rng;
+use crate::source::decode::encode_png;
+
+const SCALE_WEIGHTS: [f64; 9] = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 2.0, 3.0, 4.0];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    pub size: u32,
+    pub classes: u32,
+    pub seed: u64,
+    pub min_digits: u32,
+    pub max_digits: u32,
+}
+
+impl Recipe {
+    pub fn new(size: u32, classes: u32, seed: u64) -> Self {
+        Self {
+            size,
+            classes,
+            seed,
+            min_digits: 3,
+            max_digits: 5,
+        }
+    }
+}
+
+/// One generated image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthImage {
+    pub label: u32,
+    pub digits: Vec<u8>,
+    /// Digit boxes: (x, y, size) in pixels.
+    pub boxes: Vec<(u32, u32, u32)>,
+    pub png: Vec<u8>,
+}
+
+/// Labels of a split of `count` images: balanced, in a seeded order.
+pub fn split_labels(recipe: &Recipe, split: &str, count: usize) -> Vec<u32> {
+    let mut labels: Vec<u32> = (0..count)
+        .map(|i| (i % recipe.classes as usize) as u32)
+        .collect();
+    Rng::derive(recipe.seed, &format!("labels-{split}"), 0).shuffle(&mut labels);
+    labels
+}
+
+/// A multiset of `min..=max` digits summing to `label`, in random order.
+fn digits_for(label: u32, recipe: &Recipe, rng: &mut Rng) -> Vec<u8> {
+    let lo = recipe.min_digits.max(label.div_ceil(9));
+    let count = rng.int_in(lo as i64, recipe.max_digits.max(lo) as i64) as u32;
+    let mut rest = label as i64;
+    let mut digits = Vec::new();
+    for left in (0..count).rev() {
+        let d = if left == 0 {
+            rest
+        } else {
+            rng.int_in((rest - 9 * left as i64).max(0), rest.min(9))
+        };
+        digits.push(d as u8);
+        rest -= d;
+    }
+    rng.shuffle(&mut digits);
+    digits
+}
+
+fn digit_size(canvas: u32, rng: &mut Rng) -> u32 {
+    loop {
+        let r = rng.weighted(&SCALE_WEIGHTS) as u32 + 1;
+        let size = if r == 1 && rng.coin() { 14 } else { 28 * r };
+        if size <= canvas {
+            return size;
+        }
+    }
+}
+
+fn layout(canvas: u32, count: usize, rng: &mut Rng) -> Option<Vec<(u32, u32, u32)>> {
+    let mut boxes: Vec<(u32, u32, u32)> = Vec::new();
+    for _ in 0..count {
+        let size = digit_size(canvas, rng);
+        let placed = (0..200).find_map(|_| {
+            let x = rng.int_in(0, (canvas - size) as i64) as u32;
+            let y = rng.int_in(0, (canvas - size) as i64) as u32;
+            let free = boxes.iter().all(|&(bx, by, bs)| {
+                x + size <= bx || bx + bs <= x || y + size <= by || by + bs <= y
+            });
+            free.then_some((x, y, size))
+        })?;
+        boxes.push(placed);
+    }
+    Some(boxes)
+}
+
+/// Draw image `index` of `split` with label `label`.
+pub fn render_image(
+    recipe: &Recipe,
+    split: &str,
+    index: usize,
+    label: u32,
+    mnist: Option<&MnistDigits>,
+) -> SynthImage {
+    let mut rng = Rng::derive(recipe.seed, &format!("image-{split}"), index as u64);
+    let digits = digits_for(label, recipe, &mut rng);
+    let m = recipe.size;
+    let boxes = (0..1000)
+        .find_map(|_| layout(m, digits.len(), &mut rng))
+        .unwrap_or_else(|| panic!("cannot place {} digits on a {m} px canvas", digits.len()));
+    let mut canvas = vec![0u8; (m * m) as usize];
+    for (&digit, &(x, y, size)) in digits.iter().zip(&boxes) {
+        let tile = match mnist {
+            Some(set) => {
+                let samples = &set.by_digit[digit as usize];
+                let sample = &samples[rng.below(samples.len() as u64) as usize];
+                let img =
+                    image::GrayImage::from_raw(set.cols as u32, set.rows as u32, sample.clone())
+                        .expect("MNIST sample size");
+                image::imageops::resize(&img, size, size, image::imageops::FilterType::Triangle)
+                    .into_raw()
+            }
+            None => glyphs::render(digit, size as usize, &mut rng),
+        };
+        for ty in 0..size {
+            let row = ((y + ty) * m + x) as usize;
+            for tx in 0..size as usize {
+                let v = tile[ty as usize * size as usize + tx];
+                let p = &mut canvas[row + tx];
+                *p = (*p).max(v);
+            }
+        }
+    }
+    SynthImage {
+        label,
+        digits,
+        boxes,
+        png: encode_png(m, m, 1, &canvas),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_sum_to_the_label_and_count_three_to_five() {
+        let recipe = Recipe::new(64, 28, 1);
+        let mut rng = Rng::new(5);
+        for label in 0..28 {
+            for _ in 0..20 {
+                let d = digits_for(label, &recipe, &mut rng);
+                assert!((3..=5).contains(&d.len()), "{d:?}");
+                assert_eq!(d.iter().map(|&x| x as u32).sum::<u32>(), label);
+                assert!(d.iter().all(|&x| x <= 9));
+            }
+        }
+    }
+
+    #[test]
+    fn layouts_do_not_overlap_and_fit() {
+        let mut rng = Rng::new(9);
+        for _ in 0..50 {
+            if let Some(b) = layout(256, 5, &mut rng) {
+                for (i, a) in b.iter().enumerate() {
+                    assert!(a.0 + a.2 <= 256 && a.1 + a.2 <= 256);
+                    for c in &b[i + 1..] {
+                        assert!(
+                            a.0 + a.2 <= c.0
+                                || c.0 + c.2 <= a.0
+                                || a.1 + a.2 <= c.1
+                                || c.1 + c.2 <= a.1
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn labels_are_balanced() {
+        let l = split_labels(&Recipe::new(64, 4, 3), "train", 10);
+        let counts: Vec<usize> = (0..4)
+            .map(|c| l.iter().filter(|&&x| x == c).count())
+            .collect();
+        assert_eq!(counts, vec![3, 3, 2, 2]);
+    }
+}

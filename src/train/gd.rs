@@ -1,0 +1,32 @@
+//! The GD baseline: each image (resized to the configured size upstream, so it arrives as a
+//! 1 x 1 grid) goes whole through the backbone and a linear classifier.
+
+use super::optim::Adam;
+use super::patchgd::{GridBatch, StepOutcome};
+use crate::model::Model;
+
+fn images(batch: &GridBatch) -> tch::Tensor {
+    let s = batch.patches.size();
+    assert_eq!(s[1], 1, "GD takes whole images: a 1 x 1 grid per image");
+    batch.patches.view([s[0], s[2], s[3], s[4]])
+}
+
+pub fn gd_step(model: &Model, opt: &mut Adam, lr: f64, batch: &GridBatch) -> StepOutcome {
+    opt.zero_grad();
+    let logits = model.classify_vector(&model.encode(&images(batch), true));
+    let loss = logits.cross_entropy_for_logits(&batch.labels);
+    let value = loss.double_value(&[]);
+    loss.backward();
+    opt.step(lr);
+    opt.zero_grad();
+    StepOutcome {
+        loss: value,
+        logits: logits.detach(),
+        optimizer_steps: 1,
+        patch_passes: batch.batch_size() as usize,
+    }
+}
+
+pub fn gd_predict(model: &Model, batch: &GridBatch) -> tch::Tensor {
+    tch::no_grad(|| model.classify_vector(&model.encode(&images(batch), false)))
+}

@@ -1,0 +1,11 @@
+//! Training: the PatchGD and GD steps, the owned optimizer, schedules, metrics and the trainer.
+
+pub mod gd;
+pub mod metrics;
+pub mod optim;
+pub mod patchgd;
+pub mod schedule;
+pub mod trainer;
+
+pub use schedule::{Accumulation, LrSchedule, StepPlan, plan_outer_step};
+pub use trainer::{PassOutcome, Phase, Prediction, Trainer, TrainerConfig};

@@ -1,0 +1,109 @@
+//! Adam, owned rather than tch's built-in, so that its whole state (moments and step count) is
+//! plain tensors that a checkpoint can save and restore exactly (DESIGN.md).
+
+use tch::Tensor;
+
+pub struct Adam {
+    params: Vec<(String, Tensor)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimizer steps taken.
+    pub steps: i64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Adam {
+    pub fn new(params: Vec<(String, Tensor)>, weight_decay: f64) -> Self {
+        let zeros = |p: &Tensor| p.zeros_like().detach();
+        let m = params.iter().map(|(_, p)| zeros(p)).collect();
+        let v = params.iter().map(|(_, p)| zeros(p)).collect();
+        Self {
+            params,
+            m,
+            v,
+            steps: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// One Adam step at learning rate `lr` for every parameter that has a gradient.
+    pub fn step(&mut self, lr: f64) {
+        self.steps += 1;
+        let t = self.steps as f64;
+        let bc1 = 1.0 - self.beta1.powf(t);
+        let bc2 = 1.0 - self.beta2.powf(t);
+        tch::no_grad(|| {
+            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = if self.weight_decay != 0.0 {
+                    &g + &*p * self.weight_decay
+                } else {
+                    g
+                };
+                let _ = self.m[i]
+                    .g_mul_scalar_(self.beta1)
+                    .g_add_(&(&g * (1.0 - self.beta1)));
+                let _ = self.v[i]
+                    .g_mul_scalar_(self.beta2)
+                    .g_add_(&(&g * &g * (1.0 - self.beta2)));
+                let denom = (&self.v[i] / bc2).sqrt().g_add_scalar(self.eps);
+                let update = (&self.m[i] / bc1) / denom * lr;
+                let _ = p.g_sub_(&update);
+            }
+        });
+    }
+
+    /// Moments by parameter name (`m.NAME`, `v.NAME`), for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.push((format!("m.{name}"), self.m[i].shallow_clone()));
+            out.push((format!("v.{name}"), self.v[i].shallow_clone()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_matches_the_closed_form_first_step_and_skips_params_without_grad() {
+        let a = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
+        let mut opt = Adam::new(
+            vec![
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
+            0.0,
+        );
+        opt.zero_grad();
+        (&a * &a).sum(tch::Kind::Float).backward();
+        opt.step(0.1);
+        // The first Adam step moves each coordinate by lr * sign(g) (up to eps).
+        let after: Vec<f32> = Vec::try_from(a.detach()).unwrap();
+        assert!(
+            (after[0] - 0.9).abs() < 1e-5 && (after[1] + 1.9).abs() < 1e-5,
+            "{after:?}"
+        );
+        assert_eq!(Vec::<f32>::try_from(b.detach()).unwrap(), vec![5.0]);
+        assert_eq!(opt.steps, 1);
+    }
+}

@@ -1,0 +1,170 @@
+//! One PatchGD outer step (METHOD.md): fill Z without gradient, then for each chunk of a seeded
+//! permutation re-encode only the chunk's patches with gradient, write them into a detached Z,
+//! run the head, and accumulate; the optimizer steps where the plan says.
+//!
+//! Z is kept flat as B x K x D (K = rows * cols, cell (r, c) at r * cols + c) and viewed as
+//! B x D x rows x cols for the head, so Z[:, :, r, c] is patch (r, c) by construction.
+
+use tch::{Device, Kind, Tensor};
+
+use super::optim::Adam;
+use super::schedule::StepPlan;
+use crate::model::{Model, to_input};
+use crate::patch::ImagePatches;
+
+/// A mini-batch of same-sized images: patches B x K x C x m x m (normalised), labels B.
+pub struct GridBatch {
+    pub patches: Tensor,
+    pub labels: Tensor,
+    pub rows: i64,
+    pub cols: i64,
+}
+
+impl GridBatch {
+    /// Stack same-shaped images into a batch on `device`.
+    pub fn from_images(images: &[ImagePatches], device: Device) -> Self {
+        let first = &images[0];
+        let (k, m, c) = (first.cells(), first.patch, first.channels);
+        let mut bytes = Vec::with_capacity(images.len() * first.pixels.len());
+        for im in images {
+            assert_eq!(
+                (im.grid_rows, im.grid_cols, im.patch, im.channels),
+                (first.grid_rows, first.grid_cols, m, c)
+            );
+            bytes.extend_from_slice(&im.pixels);
+        }
+        let b = images.len();
+        let patches = to_input(&bytes, b * k, m, c, device)
+            .view([b as i64, k as i64, c as i64, m as i64, m as i64]);
+        let labels: Vec<i64> = images.iter().map(|im| im.key.label.unwrap_or(-1)).collect();
+        Self {
+            patches,
+            labels: Tensor::from_slice(&labels).to_device(device),
+            rows: first.grid_rows as i64,
+            cols: first.grid_cols as i64,
+        }
+    }
+
+    pub fn batch_size(&self) -> i64 {
+        self.patches.size()[0]
+    }
+    pub fn cells(&self) -> i64 {
+        self.rows * self.cols
+    }
+}
+
+/// What an outer step did.
+pub struct StepOutcome {
+    /// Mean cross-entropy over the inner iterations.
+    pub loss: f64,
+    /// Logits of the last inner iteration (every cell fresh by then), detached.
+    pub logits: Tensor,
+    pub optimizer_steps: usize,
+    /// Backbone patch passes: fill and gradient passes together.
+    pub patch_passes: usize,
+}
+
+/// Encode every patch with no gradient: B x K x D, no autograd graph. `chunk` bounds how many
+/// patches go through the backbone at once. BatchNorm follows `train` (METHOD.md keeps the
+/// backbone in training mode during the fill of a training step).
+pub fn fill(model: &Model, patches: &Tensor, chunk: i64, train: bool) -> Tensor {
+    let size = patches.size();
+    let (b, k) = (size[0], size[1]);
+    let flat = patches.view([b * k, size[2], size[3], size[4]]);
+    tch::no_grad(|| {
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < b * k {
+            let len = chunk.min(b * k - start);
+            outs.push(model.encode(&flat.narrow(0, start, len), train));
+            start += len;
+        }
+        let z = Tensor::cat(&outs, 0);
+        let d = z.size()[1];
+        z.view([b, k, d])
+    })
+}
+
+/// B x K x D -> B x D x rows x cols.
+pub fn grid_view(z: &Tensor, rows: i64, cols: i64) -> Tensor {
+    let size = z.size();
+    z.view([size[0], rows, cols, size[2]]).permute([0, 3, 1, 2])
+}
+
+/// One inner iteration's forward pass: encode the patches at `cells` with gradient and write
+/// them into a detached copy of `z`. Returns (new Z with the fresh cells carrying gradient,
+/// head logits).
+pub fn inner_forward(
+    model: &Model,
+    batch: &GridBatch,
+    z: &Tensor,
+    cells: &[i64],
+) -> (Tensor, Tensor) {
+    let device = model.device();
+    let size = batch.patches.size();
+    let b = size[0];
+    let idx = Tensor::from_slice(cells).to_device(device);
+    let n = cells.len() as i64;
+    let chosen = batch
+        .patches
+        .index_select(1, &idx)
+        .view([b * n, size[2], size[3], size[4]]);
+    let fresh = model.encode(&chosen, true);
+    let d = fresh.size()[1];
+    let z_new = z.detach().index_copy(1, &idx, &fresh.view([b, n, d]));
+    let logits = model.classify_grid(&grid_view(&z_new, batch.rows, batch.cols), true);
+    (z_new, logits)
+}
+
+/// One outer step at learning rate `lr`.
+pub fn outer_step(
+    model: &Model,
+    opt: &mut Adam,
+    lr: f64,
+    batch: &GridBatch,
+    plan: &StepPlan,
+    fill_chunk: i64,
+) -> StepOutcome {
+    let b = batch.batch_size();
+    let mut z = fill(model, &batch.patches, fill_chunk, true);
+    let mut patch_passes = (b * batch.cells()) as usize;
+    opt.zero_grad();
+    let mut loss_sum = 0.0;
+    let mut steps = 0;
+    let mut last_logits = None;
+    for (j, cells) in plan.chunks.iter().enumerate() {
+        let (z_new, logits) = inner_forward(model, batch, &z, cells);
+        let loss = logits.cross_entropy_for_logits(&batch.labels);
+        loss_sum += loss.double_value(&[]);
+        (loss / plan.group_size[j] as f64).backward();
+        patch_passes += (b as usize) * cells.len();
+        if plan.step_after[j] {
+            opt.step(lr);
+            opt.zero_grad();
+            steps += 1;
+        }
+        z = z_new.detach();
+        last_logits = Some(logits.detach());
+    }
+    StepOutcome {
+        loss: loss_sum / plan.chunks.len() as f64,
+        logits: last_logits.expect("a plan has at least one chunk"),
+        optimizer_steps: steps,
+        patch_passes,
+    }
+}
+
+/// Inference: fill Z with every patch (eval mode, no gradient), one head pass.
+pub fn predict(model: &Model, batch: &GridBatch, fill_chunk: i64) -> Tensor {
+    let z = fill(model, &batch.patches, fill_chunk, false);
+    tch::no_grad(|| model.classify_grid(&grid_view(&z, batch.rows, batch.cols), false))
+}
+
+/// Fraction of argmax predictions equal to the labels, as a count.
+pub fn correct(logits: &Tensor, labels: &Tensor) -> i64 {
+    logits
+        .argmax(-1, false)
+        .eq_tensor(labels)
+        .sum(Kind::Int64)
+        .int64_value(&[])
+}

@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests: small generated data sets in memory:// stores.
+
+use patchgd::source::decode::encode_png;
+use patchgd::storage::Location;
+
+/// A unique memory:// URL per test, so tests in one process never share objects.
+pub fn memory_url(test: &str) -> String {
+    format!("memory://it-{test}")
+}
+
+/// A two-class "find the square" set: every image is `size` x `size` grey with low noise;
+/// class 1 images also have a bright square of `square` px at a random place. Returns the
+/// images URL and labels URL.
+pub async fn square_dataset(
+    root: &str,
+    size: usize,
+    square: usize,
+    train: usize,
+    val: usize,
+    seed: u64,
+) -> (String, String) {
+    let loc = Location::parse(root).unwrap();
+    let mut rng = patchgd::rng::Rng::new(seed);
+    let mut csv = String::from("image_id,label,split\n");
+    for (split, count) in [("train", train), ("val", val)] {
+        for i in 0..count {
+            let label = i % 2;
+            let mut px: Vec<u8> = (0..size * size).map(|_| rng.below(40) as u8).collect();
+            if label == 1 {
+                let x0 = rng.below((size - square) as u64) as usize;
+                let y0 = rng.below((size - square) as u64) as usize;
+                for y in y0..y0 + square {
+                    for x in x0..x0 + square {
+                        px[y * size + x] = 220;
+                    }
+                }
+            }
+            let id = format!("{split}/{i:04}");
+            loc.put(
+                &format!("images/{id}.png"),
+                encode_png(size as u32, size as u32, 1, &px),
+            )
+            .await
+            .unwrap();
+            csv.push_str(&format!("{id},{label},{split}\n"));
+        }
+    }
+    loc.put("labels.csv", csv).await.unwrap();
+    (format!("{root}/images"), format!("{root}/labels.csv"))
+}
+
+/// A pipeline file over the given data, small CNN, small head; `extra` is appended verbatim.
+pub fn pipeline_yaml(
+    images: &str,
+    labels: &str,
+    output: &str,
+    patch: usize,
+    epochs: u64,
+    extra: &str,
+) -> String {
+    format!(
+        "name: test\nsource:\n  images: {images}\n  labels: {labels}\n  channels: 1\npatch:\n  size: {patch}\nmodel:\n  backbone: small_cnn\n  latent_dim: 16\n  head_width: 16\npatchgd:\n  sampling_fraction: 0.25\ntrain:\n  epochs: {epochs}\n  batch_size: 8\n  lr: 0.003\n  warmup_epochs: 0.5\n  device: cpu\n  seed: 7\noutput: {output}\n{extra}"
+    )
+}

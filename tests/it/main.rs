@@ -1,0 +1,8 @@
+//! One integration test binary (each binary relinks libtorch and datafusion), one module per area.
+
+mod common;
+mod patchgd_step;
+mod pipeline_files;
+mod source;
+mod synth;
+mod training;

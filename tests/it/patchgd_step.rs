@@ -1,0 +1,173 @@
+//! The PatchGD step itself: Z layout, where gradients flow, and when the optimizer steps.
+
+use patchgd::model::{BackboneKind, Method, Model, ModelSpec};
+use patchgd::patch::batch::{ImageKey, Raster, band_batch};
+use patchgd::patch::{Grid, ImageAssembler, ImagePatches};
+use patchgd::rng::Rng;
+use patchgd::train::optim::Adam;
+use patchgd::train::patchgd::{GridBatch, fill, grid_view, inner_forward, outer_step};
+use patchgd::train::{Accumulation, plan_outer_step};
+use tch::{Device, Kind, Tensor};
+
+fn model(classes: i64) -> Model {
+    tch::manual_seed(11);
+    Model::new(
+        ModelSpec {
+            method: Method::Patchgd,
+            backbone: BackboneKind::SmallCnn,
+            channels: 1,
+            latent_dim: 8,
+            head_width: 8,
+            classes,
+        },
+        Device::Cpu,
+    )
+}
+
+/// An image of `rows` x `cols` patches of 8 px through the real patch path (bands → assembler);
+/// every patch has its own pattern.
+fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
+    let (m, w, h) = (8, cols * 8, rows * 8);
+    let mut rng = Rng::new(seed);
+    let px: Vec<u8> = (0..w * h)
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            let cell = (y / m) * cols + x / m;
+            ((cell * 37 + rng.below(20) as usize + (x % m) * 3 * (cell % 3)) % 256) as u8
+        })
+        .collect();
+    let grid = Grid::new(w, h, m, m).unwrap();
+    let key = ImageKey {
+        image_id: format!("img{seed}"),
+        label: Some(label),
+        split: "train".into(),
+    };
+    let raster = Raster {
+        pixels: &px,
+        width: w,
+        height: h,
+        channels: 1,
+    };
+    let mut asm = ImageAssembler::default();
+    let mut done = Vec::new();
+    for row in (0..grid.rows).rev() {
+        done.extend(asm.push(&band_batch(&key, &grid, row, &raster)).unwrap());
+    }
+    done.pop().unwrap()
+}
+
+#[test]
+fn z_cell_r_c_holds_patch_r_c() {
+    let m = model(3);
+    let img = image(2, 3, 0, 1);
+    let batch = GridBatch::from_images(&[img], Device::Cpu);
+    // eval mode: each patch's vector does not depend on the others in its chunk.
+    let z = grid_view(&fill(&m, &batch.patches, 4, false), 2, 3);
+    assert_eq!(z.size(), vec![1, 8, 2, 3]);
+    for r in 0..2 {
+        for c in 0..3 {
+            let patch = batch.patches.get(0).get(r * 3 + c).unsqueeze(0);
+            let alone = tch::no_grad(|| m.encode(&patch, false)).get(0);
+            let cell = z.get(0).select(1, r).select(1, c);
+            assert!(
+                cell.allclose(&alone, 1e-5, 1e-5, false),
+                "Z[{r},{c}] is not patch ({r},{c})"
+            );
+            // ... and not its transposed neighbour: the patches really differ.
+            if (r, c) != (0, 0) {
+                let other = z.get(0).select(1, 0).select(1, 0);
+                assert!(!cell.allclose(&other, 1e-4, 1e-4, false));
+            }
+        }
+    }
+}
+
+#[test]
+fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_carry_them() {
+    let m = model(3);
+    let batch = GridBatch::from_images(&[image(3, 3, 1, 2), image(3, 3, 2, 3)], Device::Cpu);
+    let patches = batch.patches.detach().set_requires_grad(true);
+    let batch = GridBatch { patches, ..batch };
+    let z = fill(&m, &batch.patches, 5, true);
+    assert!(!z.requires_grad(), "the fill pass must build no graph");
+    let sampled = [0i64, 4, 8];
+    let (_, logits) = inner_forward(&m, &batch, &z, &sampled);
+    logits.cross_entropy_for_logits(&batch.labels).backward();
+    for (name, p) in m.trainable() {
+        let g = p.grad();
+        assert!(
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "no gradient for {name}"
+        );
+    }
+    assert!(
+        m.trainable()
+            .iter()
+            .any(|(n, _)| n.starts_with("backbone."))
+    );
+    assert!(m.trainable().iter().any(|(n, _)| n.starts_with("head.")));
+    let per_cell =
+        batch
+            .patches
+            .grad()
+            .abs()
+            .sum_dim_intlist(&[0i64, 2, 3, 4][..], false, Kind::Float);
+    let per_cell: Vec<f32> = Vec::try_from(per_cell).unwrap();
+    for (cell, g) in per_cell.iter().enumerate() {
+        if sampled.contains(&(cell as i64)) {
+            assert!(*g > 0.0, "sampled cell {cell} got no gradient");
+        } else {
+            assert_eq!(*g, 0.0, "unsampled cell {cell} got gradient");
+        }
+    }
+}
+
+fn weights(m: &Model) -> Tensor {
+    Tensor::cat(
+        &m.trainable()
+            .iter()
+            .map(|(_, t)| t.detach().flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    )
+}
+
+#[test]
+fn optimizer_steps_once_per_outer_step_with_epsilon_zeta_and_every_chunk_with_one() {
+    let batch = GridBatch::from_images(&[image(4, 4, 0, 4), image(4, 4, 1, 5)], Device::Cpu);
+    for (acc, expected) in [(Accumulation::Zeta, 1), (Accumulation::One, 4)] {
+        let m = model(2);
+        let mut opt = Adam::new(m.trainable(), 0.0);
+        let plan = plan_outer_step(16, 0.25, acc, &mut Rng::new(1));
+        let before = weights(&m);
+        let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8);
+        assert_eq!(
+            (out.optimizer_steps, opt.steps),
+            (expected, expected as i64),
+            "{acc:?}"
+        );
+        assert_eq!(
+            out.patch_passes,
+            2 * 16 * 2,
+            "fill + one gradient pass per patch"
+        );
+        assert!(!weights(&m).allclose(&before, 0.0, 0.0, false));
+    }
+}
+
+#[test]
+fn optimizer_still_steps_when_fewer_chunks_than_zeta() {
+    // 2 x 2 grid and rho = 0.3: n = 2 patches per chunk, 2 chunks, zeta = 4.
+    let batch = GridBatch::from_images(&[image(2, 2, 0, 6)], Device::Cpu);
+    let m = model(2);
+    let mut opt = Adam::new(m.trainable(), 0.0);
+    let plan = plan_outer_step(4, 0.3, Accumulation::Zeta, &mut Rng::new(2));
+    assert_eq!(plan.chunks.len(), 2);
+    let before = weights(&m);
+    let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8);
+    assert_eq!(out.optimizer_steps, 1);
+    assert!(
+        !weights(&m).allclose(&before, 0.0, 0.0, false),
+        "weights must change"
+    );
+}
