@@ -2,7 +2,7 @@
 //!
 //! - Stops early, with one sentence naming the set-up command, when libtorch is missing.
 //! - Adds an rpath to libtorch's directory so binaries run without LD_LIBRARY_PATH.
-//! - Links with `--no-as-needed` so that libtorch_cuda stays linked and CUDA works on GPU hosts.
+//! - Keeps libtorch_cuda linked (`--no-as-needed`) so that CUDA works on GPU hosts.
 use std::path::PathBuf;
 
 fn main() {
@@ -24,6 +24,11 @@ fn main() {
     }
     let lib_dir = lib_dir.unwrap();
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    // The linker drops libtorch_cuda (nothing references its symbols directly; it registers
+    // the CUDA backend when loaded), so keep it explicitly wherever the argument lands.
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-L{}", lib_dir.display());
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
 }

@@ -8,7 +8,7 @@ use tch::nn::{self, ModuleT};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackboneKind {
-    /// Three stride-2 conv blocks (16, 32, 64 channels): for tests and CPU demos.
+    /// Four stride-2 conv blocks (32, 64, 128, 128 channels): for tests and CPU demos.
     SmallCnn,
     Resnet18,
     Resnet50,
@@ -75,11 +75,12 @@ impl Backbone {
         let (trunk, features): (Box<dyn ModuleT>, Option<i64>) = match kind {
             BackboneKind::SmallCnn => {
                 let seq = nn::seq_t()
-                    .add(conv_bn_relu(p / "block1", data_channels, 16))
-                    .add(conv_bn_relu(p / "block2", 16, 32))
-                    .add(conv_bn_relu(p / "block3", 32, 64))
+                    .add(conv_bn_relu(p / "block1", data_channels, 32))
+                    .add(conv_bn_relu(p / "block2", 32, 64))
+                    .add(conv_bn_relu(p / "block3", 64, 128))
+                    .add(conv_bn_relu(p / "block4", 128, 128))
                     .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
-                (Box::new(seq), Some(64))
+                (Box::new(seq), Some(128))
             }
             BackboneKind::Resnet18 => (
                 Box::new(tch::vision::resnet::resnet18_no_final_layer(p)),

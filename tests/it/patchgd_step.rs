@@ -171,3 +171,42 @@ fn optimizer_still_steps_when_fewer_chunks_than_zeta() {
         "weights must change"
     );
 }
+
+#[test]
+fn every_backbone_maps_grey_or_rgb_patches_to_d_vectors() {
+    for kind in [
+        BackboneKind::SmallCnn,
+        BackboneKind::Resnet18,
+        BackboneKind::Resnet50,
+        BackboneKind::MobilenetV2,
+    ] {
+        for channels in [1, 3] {
+            tch::manual_seed(0);
+            let spec = ModelSpec {
+                method: Method::Patchgd,
+                backbone: kind,
+                channels,
+                latent_dim: 12,
+                head_width: 8,
+                classes: 3,
+            };
+            let m = Model::new(spec, Device::Cpu);
+            let x = Tensor::randn([2, channels, 32, 32], (Kind::Float, Device::Cpu));
+            let v = tch::no_grad(|| m.encode(&x, false));
+            assert_eq!(v.size(), vec![2, 12], "{kind:?} with {channels} channels");
+        }
+    }
+}
+
+#[test]
+fn the_head_takes_any_grid_size_and_class_count() {
+    for (rows, cols, classes) in [(1, 1, 2), (2, 3, 28), (8, 8, 10), (5, 16, 6)] {
+        let m = model(classes);
+        let z = Tensor::randn([3, 8, rows, cols], (Kind::Float, Device::Cpu));
+        assert_eq!(
+            m.classify_grid(&z, true).size(),
+            vec![3, classes],
+            "{rows} x {cols}"
+        );
+    }
+}
