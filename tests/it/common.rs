@@ -62,3 +62,20 @@ pub fn pipeline_yaml(
         "name: test\nsource:\n  images: {images}\n  labels: {labels}\n  channels: 1\npatch:\n  size: {patch}\nmodel:\n  backbone: small_cnn\n  latent_dim: 16\n  head_width: 16\npatchgd:\n  sampling_fraction: 0.25\ntrain:\n  epochs: {epochs}\n  batch_size: 8\n  lr: 0.003\n  warmup_epochs: 0.5\n  device: cpu\n  seed: 7\noutput: {output}\n{extra}"
     )
 }
+
+/// Every record batch of a Parquet object.
+pub async fn read_parquet(loc: &Location, name: &str) -> Vec<arrow::record_batch::RecordBatch> {
+    let bytes = loc.get_relative(name).await.unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+/// The JSON header of a safetensors file: tensor names to dtype, shape and offsets.
+pub fn safetensors_header(bytes: &[u8]) -> serde_json::Value {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + len]).unwrap()
+}

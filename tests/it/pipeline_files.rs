@@ -4,7 +4,7 @@ use arrow::array::Array;
 use patchgd::pipeline::{Definition, run};
 use patchgd::storage::Location;
 
-use crate::common::{memory_url, pipeline_yaml, square_dataset};
+use crate::common::{memory_url, pipeline_yaml, read_parquet, square_dataset};
 
 fn err(yaml: &str) -> String {
     Definition::from_yaml(yaml, "bad.yaml")
@@ -127,20 +127,10 @@ fn corrupt_and_unlabelled_images_are_reported_counted_and_skipped() {
     let s = run(&def, false).unwrap();
     assert_eq!((s.images_seen, s.images_used, s.images_failed), (13, 11, 2));
     assert_eq!(s.images_seen, s.images_used + s.images_failed);
-    let bytes = rt
-        .block_on(
-            Location::parse(&out)
-                .unwrap()
-                .get_relative("errors.parquet"),
-        )
-        .unwrap();
-    let batches: Vec<_> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap()
-            .map(|b| b.unwrap())
-            .collect();
+    let batches = rt.block_on(read_parquet(
+        &Location::parse(&out).unwrap(),
+        "errors.parquet",
+    ));
     let ids = batches[0]
         .column_by_name("image_id")
         .unwrap()

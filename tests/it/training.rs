@@ -1,21 +1,9 @@
 //! End to end: a pipeline file over a generated set, run by the runner, learns.
 
-use bytes::Bytes;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use patchgd::pipeline::{Definition, run};
 use patchgd::storage::Location;
 
-use crate::common::{memory_url, pipeline_yaml, square_dataset};
-
-async fn read_parquet(loc: &Location, name: &str) -> Vec<arrow::record_batch::RecordBatch> {
-    let bytes: Bytes = loc.get_relative(name).await.unwrap();
-    ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap())
-        .collect()
-}
+use crate::common::{memory_url, pipeline_yaml, read_parquet, safetensors_header, square_dataset};
 
 fn column_f64(batches: &[arrow::record_batch::RecordBatch], name: &str) -> Vec<f64> {
     batches
@@ -74,8 +62,7 @@ fn tiny_cnn_lowers_the_loss_and_beats_chance_on_held_out_images() {
         .unwrap();
     assert!(image::load_from_memory(&png).is_ok());
     let weights = rt.block_on(loc.get_relative("model.safetensors")).unwrap();
-    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    let header = safetensors_header(&weights);
     assert!(
         header.get("head.classifier.weight").is_some()
             && header.get("backbone.project.weight").is_some()
@@ -103,8 +90,7 @@ fn gd_baseline_runs_from_the_same_definition() {
                 .get_relative("model.safetensors"),
         )
         .unwrap();
-    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    let header = safetensors_header(&weights);
     assert!(
         header.get("classifier.weight").is_some() && header.get("head.classifier.weight").is_none()
     );
