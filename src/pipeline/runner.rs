@@ -48,6 +48,8 @@ pub struct RunSummary {
     pub images_used: usize,
     /// Distinct images in the errors table.
     pub images_failed: usize,
+    /// Rows of the labels table that match no object under the images URL.
+    pub labels_without_image: usize,
     pub train_images: usize,
     pub val_images: usize,
     pub final_val_accuracy: f64,
@@ -205,7 +207,7 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
     let mut last_eval = PassOutcome::default();
     let progress = Progress::new(show_progress, train_set.len() + val_set.len());
     progress.line(format!(
-        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing",
+        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}",
         def.name,
         match def.method {
             Method::Patchgd => "PatchGD",
@@ -214,7 +216,9 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         device_name(device),
         train_set.len(),
         val_set.len(),
-        catalog.failures.len()
+        catalog.failures.len(),
+        catalog.labels_without_image.len(),
+        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')"))
     ));
     let stop_on_error = |errors: &[(u64, Failure)]| -> Result<(), RunError> {
         match (def.source.on_error, errors.first()) {
@@ -323,6 +327,7 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         images_seen: catalog.objects,
         images_used: used.len(),
         images_failed: failed.len(),
+        labels_without_image: catalog.labels_without_image.len(),
         train_images: train_set.len(),
         val_images: val_set.len(),
         final_val_accuracy: last.val_accuracy,

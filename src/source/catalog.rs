@@ -48,6 +48,8 @@ pub struct Catalog {
     pub failures: Vec<Failure>,
     /// Number of objects listed (images seen at listing time).
     pub objects: usize,
+    /// Labels rows that match no object (reported in the run summary, not an image error).
+    pub labels_without_image: Vec<String>,
 }
 
 impl Catalog {
@@ -69,6 +71,7 @@ impl Catalog {
         let (labels_loc, labels_path) = split_url(labels_url)?;
         let objects = images.list().await?;
         let mut catalog = Catalog::default();
+        let mut matched = std::collections::HashSet::new();
         for meta in objects {
             // The labels table may live under the images prefix; it is not an image.
             if labels_loc.url_of(&labels_path) == images.url_of(&meta.location) {
@@ -80,7 +83,11 @@ impl Catalog {
                 .unwrap_or_else(|| meta.location.to_string());
             let id = strip_extension(&rel).to_string();
             let url = images.url_of(&meta.location);
-            match labels.get(&id).or_else(|| labels.get(&rel)) {
+            let key = if labels.contains_key(&id) { &id } else { &rel };
+            if labels.contains_key(key) {
+                matched.insert(key.clone());
+            }
+            match labels.get(key) {
                 Some((label, split)) => catalog.images.push(ImageEntry {
                     image_id: id,
                     path: meta.location,
@@ -96,6 +103,12 @@ impl Catalog {
                 }),
             }
         }
+        catalog.labels_without_image = labels
+            .keys()
+            .filter(|k| !matched.contains(*k))
+            .cloned()
+            .collect();
+        catalog.labels_without_image.sort();
         if catalog.objects == 0 {
             return Err(SourceError::Empty {
                 url: images.url.clone(),
@@ -227,7 +240,7 @@ mod tests {
         let root = Location::parse("memory://catalog-test/ds").unwrap();
         root.put(
             "labels.csv",
-            "image_id,label,split\ntrain/a,1,train\nval/b,0,val\n",
+            "image_id,label,split\ntrain/a,1,train\nval/b,0,val\nval/gone,1,val\n",
         )
         .await
         .unwrap();
@@ -248,6 +261,7 @@ mod tests {
             cat.failures
         );
         assert_eq!(cat.implied_classes(), 2);
+        assert_eq!(cat.labels_without_image, vec!["val/gone".to_string()]);
     }
 
     #[tokio::test]
