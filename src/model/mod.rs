@@ -103,8 +103,8 @@ impl Model {
         )
     }
 
-    /// Trainable tensors of the backbone and of the rest, by name, sorted.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+    /// Every variable (parameters and BatchNorm buffers) by name, sorted: what the weights file holds.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
@@ -112,7 +112,7 @@ impl Model {
 
     /// Trainable parameters in a fixed (name) order, so that optimizer state lines up across runs.
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        self.named_parameters()
+        self.named_tensors()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .collect()

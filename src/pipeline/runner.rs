@@ -310,7 +310,7 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         &col(|m| m.train_accuracy),
         &col(|m| m.val_accuracy),
     );
-    let weights = weights::safetensors_bytes(&trainer.model.named_parameters()).map_err(|e| {
+    let weights = weights::safetensors_bytes(&trainer.model.named_tensors()).map_err(|e| {
         RunError::Write {
             what: "weights".into(),
             reason: e.to_string(),
