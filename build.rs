@@ -1,6 +1,8 @@
 //! Link set-up for libtorch (see DESIGN.md, "Decisions already checked on this machine").
 //!
-//! - Stops early, with one sentence naming the set-up command, when libtorch is missing.
+//! - Stops, with one sentence naming the set-up command, when libtorch is missing. (A cold
+//!   build meets the same sentence earlier, in torch-sys's C++ step: see
+//!   scripts/libtorch-missing/torch/torch.h.)
 //! - Adds an rpath to libtorch's directory so binaries run without LD_LIBRARY_PATH.
 //! - Keeps libtorch_cuda linked (`--no-as-needed`) so that CUDA works on GPU hosts.
 use std::path::PathBuf;

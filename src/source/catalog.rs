@@ -84,17 +84,17 @@ impl Catalog {
             let id = strip_extension(&rel).to_string();
             let url = images.url_of(&meta.location);
             let key = if labels.contains_key(&id) { &id } else { &rel };
-            if labels.contains_key(key) {
-                matched.insert(key.clone());
-            }
             match labels.get(key) {
-                Some((label, split)) => catalog.images.push(ImageEntry {
-                    image_id: id,
-                    path: meta.location,
-                    url,
-                    label: *label,
-                    split: *split,
-                }),
+                Some((label, split)) => {
+                    matched.insert(key.clone());
+                    catalog.images.push(ImageEntry {
+                        image_id: id,
+                        path: meta.location,
+                        url,
+                        label: *label,
+                        split: *split,
+                    })
+                }
                 None => catalog.failures.push(Failure {
                     message: format!("no row with image_id '{id}' in labels table '{labels_url}'"),
                     image_id: id,
