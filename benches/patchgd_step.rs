@@ -46,6 +46,7 @@ fn bench(
         labels: Tensor::from_slice(&[0i64, 1, 2, 3][..IMAGES as usize]).to_device(device),
         rows: GRID,
         cols: GRID,
+        mask: None,
     };
     let mut rng = Rng::new(1);
     let mut times = Vec::new();

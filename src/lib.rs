@@ -4,13 +4,14 @@
 //! as a streaming dataflow pipeline.
 //!
 //! ```text
-//! object store (file:// memory:// …)
+//! object store (s3:// gs:// az:// http(s):// file:// memory://)                [storage]
 //!   │  images table: list objects + labels (CSV/Parquet) → one row per image   [source::catalog]
 //!   ▼
-//! decode (PNG, JPEG)                        ── blocking pool, parallel          [source::decode]
+//! decode: PNG, JPEG whole; TIFF/SVS one band of tiles at a time, by byte range
+//!                                           ── blocking pool, parallel   [source::decode, tiff]
 //!   ▼
 //! patch batches: Arrow RecordBatch, one row per patch, one batch per grid row   [patch]
-//!   │  (image_id, label, split, row, col, x, y, grid_rows, grid_cols, size, channels, pixels)
+//!   │  (image_id, label, split, row, col, x, y, level, …, mean, std, fg_fraction, pixels)
 //!   │                                       ── bounded in bytes                 [source::stream]
 //!   ▼
 //! schedule: per image, a fill pass, then ζ chunks of a seeded permutation      [train::schedule]
@@ -32,4 +33,5 @@ pub mod sink;
 pub mod source;
 pub mod storage;
 pub mod synth;
+pub mod testkit;
 pub mod train;

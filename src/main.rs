@@ -1,13 +1,18 @@
-//! The `patchgd` command line: `run` a pipeline definition, `synth` a data set.
+//! The `patchgd` command line: `run` a pipeline definition, `synth` a data set, `inspect` images.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use patchgd::patch::Foreground;
 use patchgd::pipeline::{Definition, run};
-use patchgd::storage::Location;
-use patchgd::synth::{Recipe, mnist::MnistDigits, write_ultramnist};
+use patchgd::source::StreamConfig;
+use patchgd::source::inspect::{inspect as inspect_object, scan};
+use patchgd::source::tiff::write::TileCompression;
+use patchgd::storage::{Location, StorageError, StoreOptions};
+use patchgd::synth::{ImageFormat, Recipe, mnist::MnistDigits, write_ultramnist};
+use patchgd::train::metrics::peak_rss_bytes;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +42,175 @@ enum Command {
         #[command(subcommand)]
         kind: SynthKind,
     },
+    /// Describe image objects: size, levels, tiles, compression, channels, patch counts.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// An image object, or a prefix: every object under it is inspected.
+    url: String,
+    /// Patch size for the patch counts.
+    #[arg(long, default_value_t = 256)]
+    patch: usize,
+    /// Stride (defaults to the patch size).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Object store setting, e.g. `--storage endpoint=http://127.0.0.1:9000` (repeatable;
+    /// credentials come from the environment).
+    #[arg(long = "storage", value_name = "KEY=VALUE")]
+    storage: Vec<String>,
+    /// At most this many objects of a prefix.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Also stream every patch through the source (at --level) and report counts, foreground,
+    /// throughput and peak memory.
+    #[arg(long)]
+    scan: bool,
+    /// Pyramid level for --scan.
+    #[arg(long, default_value_t = 0)]
+    level: usize,
+    /// Channels for --scan: 1 (grey) or 3 (RGB).
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    /// Foreground threshold and background for --scan: `220` (light background, slides) or
+    /// `dark:32` (dark background, UltraMNIST).
+    #[arg(long, default_value = "220")]
+    foreground: String,
+    /// With --scan: keep only patches with at least this foreground fraction.
+    #[arg(long, default_value_t = 0.0)]
+    min_foreground: f32,
+    /// With --scan: parallel decodes and the buffer bound in MiB.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, default_value_t = 128)]
+    buffer_mib: usize,
+}
+
+fn storage_options(pairs: &[String]) -> Result<StoreOptions> {
+    let mut opts = StoreOptions::default();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--storage '{pair}' is not KEY=VALUE"))?;
+        match k {
+            "max_retries" => opts.max_retries = v.parse().context("--storage max_retries")?,
+            "retry_timeout_secs" => {
+                opts.retry_timeout_secs = v.parse().context("--storage retry_timeout_secs")?
+            }
+            _ => {
+                opts.options.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    opts.validate()?;
+    Ok(opts)
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let opts = storage_options(&args.storage)?;
+    let stride = args.stride.unwrap_or(args.patch);
+    let rt = tokio::runtime::Runtime::new()?;
+    let loc = Location::parse_with(&args.url, &opts)?;
+    // A single object, or every object under a prefix.
+    let (object_loc, object) = Location::parse_object(&args.url, &opts)?;
+    let single = match rt.block_on(object_loc.head(&object)) {
+        Ok(_) => true,
+        Err(StorageError::NotFound { .. }) => false, // a prefix, or nothing
+        Err(e) => return Err(e.into()),
+    };
+    let targets: Vec<(Location, object_store::path::Path)> = if single {
+        vec![(object_loc, object)]
+    } else {
+        let listed = rt.block_on(loc.list())?;
+        if listed.is_empty() {
+            bail!("nothing at '{}': no object and no objects under it", args.url);
+        }
+        if listed.len() > args.limit {
+            eprintln!("{} objects; showing the first {} (--limit)", listed.len(), args.limit);
+        }
+        listed
+            .into_iter()
+            .take(args.limit)
+            .map(|m| (loc.clone(), m.location))
+            .collect()
+    };
+    let mut failed = 0;
+    for (l, path) in &targets {
+        match rt.block_on(inspect_object(l, path, args.patch, stride)) {
+            Ok(info) => print!("{}", info.render(args.patch, stride)),
+            Err(e) => {
+                failed += 1;
+                println!("{e}");
+            }
+        }
+    }
+    if args.scan {
+        let (light, threshold) = match args.foreground.strip_prefix("dark:") {
+            Some(t) => (false, t),
+            None => (true, args.foreground.strip_prefix("light:").unwrap_or(&args.foreground)),
+        };
+        let mut config = StreamConfig::new(args.patch, args.channels);
+        config.stride = stride;
+        config.level = args.level;
+        config.decode_workers = args.workers;
+        config.buffer_bytes = args.buffer_mib << 20;
+        config.foreground = Foreground {
+            threshold: threshold
+                .parse()
+                .with_context(|| format!("--foreground '{}': expected 0-255 or dark:N", args.foreground))?,
+            light_background: light,
+            min_fraction: args.min_foreground,
+        };
+        let scan_loc = if single { targets[0].0.clone() } else { loc.clone() };
+        let report = if single {
+            rt.block_on(scan_one(&scan_loc, &targets[0].1, config))
+        } else {
+            rt.block_on(scan(&scan_loc, config))
+        }
+        .map_err(anyhow::Error::msg)?;
+        let mib = report.pixel_bytes as f64 / (1 << 20) as f64;
+        println!(
+            "scan: {} images ({} failed), {} patches, {} kept (fg >= {}), mean fg fraction {:.3}; {:.1} MiB of patch pixels in {:.2} s = {:.1} MiB/s, {:.0} patches/s; peak RSS {:.0} MiB",
+            report.images,
+            report.failures.len(),
+            report.patches,
+            report.kept,
+            args.min_foreground,
+            report.mean_fg_fraction,
+            mib,
+            report.seconds,
+            mib / report.seconds,
+            report.patches as f64 / report.seconds,
+            peak_rss_bytes() as f64 / (1 << 20) as f64
+        );
+        for f in &report.failures {
+            println!("  failed: {} ({}): {}", f.image_id, f.url, f.message);
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} objects could not be inspected", targets.len());
+    }
+    Ok(())
+}
+
+/// Scan one object: the prefix listing restricted to it.
+async fn scan_one(
+    loc: &Location,
+    path: &object_store::path::Path,
+    config: StreamConfig,
+) -> Result<patchgd::source::inspect::ScanReport, String> {
+    let meta = loc.head(path).await.map_err(|e| e.to_string())?;
+    let name = path.filename().unwrap_or_default().to_string();
+    let entry = patchgd::source::ImageEntry {
+        image_id: patchgd::source::catalog::strip_extension(&name).to_string(),
+        url: loc.url_of(path),
+        size: meta.size,
+        path: path.clone(),
+        label: -1,
+        split: patchgd::source::Split::Val,
+    };
+    patchgd::source::inspect::scan_entries(loc, vec![entry], config).await
 }
 
 #[derive(Subcommand)]
@@ -71,6 +245,18 @@ struct UltramnistArgs {
     /// for real handwritten digits instead of the built-in glyphs.
     #[arg(long)]
     mnist: Option<PathBuf>,
+    /// `png` (default), or `tiff`: tiled pyramidal TIFF written tile by tile (8k-32k px images).
+    #[arg(long)]
+    format: Option<String>,
+    /// TIFF tile size (default 256).
+    #[arg(long)]
+    tile: Option<u32>,
+    /// TIFF tile compression: jpeg (default), deflate, lzw or none.
+    #[arg(long)]
+    compression: Option<String>,
+    /// Write BigTIFF (64-bit offsets).
+    #[arg(long)]
+    bigtiff: bool,
 }
 
 fn synth(args: UltramnistArgs) -> Result<()> {
@@ -111,11 +297,41 @@ fn synth(args: UltramnistArgs) -> Result<()> {
         .map(MnistDigits::load)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let format_name = args
+        .format
+        .or(base.as_ref().map(|b| b.format.clone()))
+        .unwrap_or_else(|| "png".into());
+    let tile = args.tile.or(base.as_ref().map(|b| b.tile)).unwrap_or(256);
+    let compression = args
+        .compression
+        .or(base.as_ref().map(|b| b.compression.clone()))
+        .unwrap_or_else(|| "jpeg".into());
+    if tile < 16 || tile % 16 != 0 {
+        bail!("--tile is {tile}; TIFF tiles must be a multiple of 16 px");
+    }
+    let format = match format_name.as_str() {
+        "png" => ImageFormat::Png,
+        "tiff" | "tif" => ImageFormat::Tiff {
+            tile,
+            compression: TileCompression::parse(&compression).with_context(|| {
+                format!("--compression '{compression}': expected jpeg, deflate, lzw or none")
+            })?,
+            bigtiff: args.bigtiff,
+        },
+        other => bail!("--format '{other}': expected png or tiff"),
+    };
     let recipe = Recipe::new(size, classes, seed);
     let started = std::time::Instant::now();
     let rt = tokio::runtime::Runtime::new()?;
     let loc = Location::parse(&out)?;
-    rt.block_on(write_ultramnist(&loc, &recipe, train, val, mnist.as_ref()))?;
+    rt.block_on(write_ultramnist(
+        &loc,
+        &recipe,
+        train,
+        val,
+        mnist.as_ref(),
+        format,
+    ))?;
     eprintln!(
         "synth: {train} train + {val} val UltraMNIST images ({size} px, {classes} classes, seed {seed}) written to {} in {:.1} s",
         loc.url,
@@ -157,6 +373,7 @@ fn main() -> Result<()> {
         Command::Synth {
             kind: SynthKind::Ultramnist(args),
         } => synth(args)?,
+        Command::Inspect(args) => inspect(args)?,
     }
     Ok(())
 }

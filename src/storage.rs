@@ -1,25 +1,51 @@
-//! Object store URLs: one place that turns `file://`, `memory://` or a plain path into an
-//! [`ObjectStore`] and a prefix inside it, for readers (source) and writers (synth, sinks) alike.
+//! Object store URLs: one place that turns `s3://`, `gs://`, `az://`, `http(s)://`, `file://`,
+//! `memory://` or a plain path into an [`ObjectStore`] and a prefix inside it, for readers
+//! (source) and writers (synth, sinks) alike.
+//!
+//! Cloud stores read their credentials from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`, as
+//! object_store's `from_env` builders do); [`StoreOptions`] adds non-secret settings (endpoint,
+//! region, anonymous access, retries) from a pipeline file. Secrets are refused there, so that a
+//! pipeline file, its copy in the output and every log line stay free of them.
 //!
 //! `memory://NAME/...` stores live for the whole process and are shared by name, so that a data
 //! set generated into memory can be trained on in the same process (tests use this).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::http::HttpBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    BackoffConfig, ObjectMeta, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload,
+    RetryConfig,
+};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("bad storage URL '{url}': {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("storage option '{key}': {reason}")]
+    BadOption { key: String, reason: String },
     #[error("object '{url}' does not exist")]
     NotFound { url: String },
+    #[error(
+        "access to '{url}' was denied: {source} (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)"
+    )]
+    Denied {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("cannot {action} '{url}': {source}")]
     Io {
         action: &'static str,
@@ -31,11 +57,109 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// Map an object_store error on `url` to a message that names it and says what went wrong.
+fn io_error(action: &'static str, url: String, source: object_store::Error) -> StorageError {
+    match source {
+        object_store::Error::NotFound { .. } => StorageError::NotFound { url },
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StorageError::Denied { url, source },
+        source => StorageError::Io {
+            action,
+            url,
+            source,
+        },
+    }
+}
+
 static MEMORY_STORES: LazyLock<Mutex<HashMap<String, Arc<InMemory>>>> =
     LazyLock::new(Default::default);
 
+/// Settings for cloud object stores (pipeline key `storage:`). `options` are object_store
+/// configuration keys of the URL's store (`endpoint`, `region`, `allow_http`, `skip_signature`
+/// for anonymous access, ...); keys that carry secrets are refused: credentials come from the
+/// environment. Transient errors (timeouts, 5xx, dropped connections) are retried with
+/// exponential backoff up to `max_retries` times or `retry_timeout_secs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreOptions {
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default = "default_max_retries")]
+    pub max_retries: usize,
+    #[serde(default = "default_retry_timeout")]
+    pub retry_timeout_secs: f64,
+}
+
+fn default_max_retries() -> usize {
+    10
+}
+fn default_retry_timeout() -> f64 {
+    180.0
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            options: BTreeMap::new(),
+            max_retries: default_max_retries(),
+            retry_timeout_secs: default_retry_timeout(),
+        }
+    }
+}
+
+/// Option keys that would put a secret into a pipeline file.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "secret",
+        "token",
+        "password",
+        "access_key",
+        "account_key",
+        "master_key",
+        "sas",
+        "service_account_key",
+        "application_credentials",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+impl StoreOptions {
+    /// Refuse secrets and nonsensical retry settings before any store is built.
+    pub fn validate(&self) -> Result<()> {
+        for key in self.options.keys() {
+            if is_secret_key(key) {
+                return Err(StorageError::BadOption {
+                    key: key.clone(),
+                    reason: "credentials are not accepted in pipeline files; set them in the environment (e.g. AWS_SECRET_ACCESS_KEY)".into(),
+                });
+            }
+        }
+        if !(self.retry_timeout_secs > 0.0) {
+            return Err(StorageError::BadOption {
+                key: "retry_timeout_secs".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn retry(&self) -> RetryConfig {
+        RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(15),
+                base: 2.0,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: Duration::from_secs_f64(self.retry_timeout_secs),
+        }
+    }
+}
+
 /// A prefix inside an object store, named by the URL the user gave.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Location {
     pub store: Arc<dyn ObjectStore>,
     pub prefix: Path,
@@ -43,10 +167,24 @@ pub struct Location {
     pub url: String,
 }
 
+/// Only the URL: a store's own Debug output may include its configuration.
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Location({})", self.url)
+    }
+}
+
 impl Location {
-    /// Resolve a URL or a local path. Nothing is created: writes create parent directories,
-    /// and reading a missing location fails with the object's name.
+    /// Resolve a URL or a local path with default [`StoreOptions`] (credentials and settings
+    /// from the environment only).
     pub fn parse(url: &str) -> Result<Self> {
+        Self::parse_with(url, &StoreOptions::default())
+    }
+
+    /// Resolve a URL or a local path. Nothing is created or contacted: writes create parent
+    /// directories, and reading a missing location fails with the object's name.
+    pub fn parse_with(url: &str, options: &StoreOptions) -> Result<Self> {
+        options.validate()?;
         let trimmed = url.trim_end_matches('/').to_string();
         let bad = |reason: &str| StorageError::BadUrl {
             url: url.to_string(),
@@ -76,10 +214,8 @@ impl Location {
             parsed
                 .to_file_path()
                 .map_err(|_| bad("expected file:///absolute/path"))?
-        } else if let Some((scheme, _)) = url.split_once("://") {
-            return Err(bad(&format!(
-                "scheme '{scheme}' is not supported by this build; supported: file://, memory://, or a local path"
-            )));
+        } else if url.contains("://") {
+            return Self::parse_cloud(url, options);
         } else if url.is_empty() {
             return Err(bad("empty"));
         } else {
@@ -98,6 +234,81 @@ impl Location {
             prefix,
             url: trimmed,
         })
+    }
+
+    fn parse_cloud(url: &str, options: &StoreOptions) -> Result<Self> {
+        let bad = |reason: String| StorageError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        let (scheme, prefix) = ObjectStoreScheme::parse(&parsed).map_err(|_| {
+            bad(format!(
+                "scheme '{}' is not supported; supported: s3://, gs://, az://, http(s)://, file://, memory://, or a local path",
+                parsed.scheme()
+            ))
+        })?;
+        let key_error = |key: &str, e: object_store::Error| StorageError::BadOption {
+            key: key.to_string(),
+            reason: format!("not a setting of {} stores: {e}", parsed.scheme()),
+        };
+        let build_error = |e: object_store::Error| bad(e.to_string());
+        let retry = options.retry();
+        let store: Arc<dyn ObjectStore> = match scheme {
+            ObjectStoreScheme::AmazonS3 => {
+                let mut b = AmazonS3Builder::from_env().with_url(url).with_retry(retry);
+                for (k, v) in &options.options {
+                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(build_error)?)
+            }
+            ObjectStoreScheme::GoogleCloudStorage => {
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .with_retry(retry);
+                for (k, v) in &options.options {
+                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(build_error)?)
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .with_retry(retry);
+                for (k, v) in &options.options {
+                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(build_error)?)
+            }
+            ObjectStoreScheme::Http => {
+                let origin = parsed.origin().ascii_serialization();
+                let mut b = HttpBuilder::new().with_url(origin).with_retry(retry);
+                for (k, v) in &options.options {
+                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(build_error)?)
+            }
+            other => return Err(bad(format!("unexpected store kind {other:?}"))),
+        };
+        Ok(Self {
+            store,
+            prefix,
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The location of a single object URL: its parent prefix and its path. A bare file name
+    /// is taken relative to the current directory.
+    pub fn parse_object(url: &str, options: &StoreOptions) -> Result<(Self, Path)> {
+        let (dir, file) = url.rsplit_once('/').unwrap_or((".", url));
+        let dir = if dir.ends_with(':') || dir.ends_with(":/") {
+            format!("{dir}/")
+        } else {
+            dir.to_string()
+        };
+        let loc = Self::parse_with(&dir, options)?;
+        let path = loc.path(file);
+        Ok((loc, path))
     }
 
     /// The path of `relative` (slash-separated) under this prefix.
@@ -129,32 +340,44 @@ impl Location {
         self.store
             .put(&path, PutPayload::from_bytes(bytes.into()))
             .await
-            .map_err(|source| StorageError::Io {
-                action: "write",
-                url: self.url_of(&path),
-                source,
-            })?;
+            .map_err(|source| io_error("write", self.url_of(&path), source))?;
         Ok(())
     }
 
     pub async fn get(&self, path: &Path) -> Result<Bytes> {
         let url = self.url_of(path);
-        let result = self.store.get(path).await;
-        let get = match result {
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(StorageError::NotFound { url });
-            }
-            other => other.map_err(|source| StorageError::Io {
-                action: "read",
-                url: url.clone(),
-                source,
-            })?,
-        };
-        get.bytes().await.map_err(|source| StorageError::Io {
-            action: "read",
-            url,
-            source,
-        })
+        let get = self
+            .store
+            .get(path)
+            .await
+            .map_err(|source| io_error("read", url.clone(), source))?;
+        get.bytes()
+            .await
+            .map_err(|source| io_error("read", url, source))
+    }
+
+    /// Bytes `range` of an object (one ranged GET).
+    pub async fn get_range(&self, path: &Path, range: Range<u64>) -> Result<Bytes> {
+        self.store
+            .get_range(path, range)
+            .await
+            .map_err(|source| io_error("read", self.url_of(path), source))
+    }
+
+    /// Several ranges of one object; nearby ranges are coalesced into fewer requests.
+    pub async fn get_ranges(&self, path: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.store
+            .get_ranges(path, ranges)
+            .await
+            .map_err(|source| io_error("read", self.url_of(path), source))
+    }
+
+    /// Size and modification time of one object.
+    pub async fn head(&self, path: &Path) -> Result<ObjectMeta> {
+        self.store
+            .head(path)
+            .await
+            .map_err(|source| io_error("read", self.url_of(path), source))
     }
 
     pub async fn get_relative(&self, relative: &str) -> Result<Bytes> {
@@ -169,11 +392,7 @@ impl Location {
                 .list(prefix)
                 .try_collect()
                 .await
-                .map_err(|source| StorageError::Io {
-                    action: "list",
-                    url: self.url.clone(),
-                    source,
-                })?;
+                .map_err(|source| io_error("list", self.url.clone(), source))?;
         objects.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(objects)
     }
@@ -228,6 +447,33 @@ mod tests {
     #[test]
     fn unsupported_scheme_is_named() {
         let err = Location::parse("ftp://host/x").unwrap_err().to_string();
-        assert!(err.contains("ftp") && err.contains("file://"), "{err}");
+        assert!(err.contains("ftp") && err.contains("s3://"), "{err}");
+    }
+
+    #[test]
+    fn cloud_urls_build_stores_without_contacting_them() {
+        let mut opts = StoreOptions::default();
+        opts.options.insert("region".into(), "eu-west-1".into());
+        opts.options
+            .insert("endpoint".into(), "http://127.0.0.1:9".into());
+        let s3 = Location::parse_with("s3://bucket/slides/", &opts).unwrap();
+        assert_eq!(s3.prefix.as_ref(), "slides");
+        assert_eq!(s3.url, "s3://bucket/slides");
+        let http = Location::parse("https://example.org/data/set").unwrap();
+        assert_eq!(http.prefix.as_ref(), "data/set");
+        assert_eq!(format!("{s3:?}"), "Location(s3://bucket/slides)");
+    }
+
+    #[test]
+    fn secrets_and_unknown_keys_are_refused_with_the_key_named() {
+        let mut opts = StoreOptions::default();
+        opts.options
+            .insert("aws_secret_access_key".into(), "x".into());
+        let err = Location::parse_with("s3://b/p", &opts).unwrap_err().to_string();
+        assert!(err.contains("aws_secret_access_key") && err.contains("environment"), "{err}");
+        let mut opts = StoreOptions::default();
+        opts.options.insert("colour".into(), "blue".into());
+        let err = Location::parse_with("s3://b/p", &opts).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
     }
 }

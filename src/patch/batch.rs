@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{Array, BinaryArray, Int64Array, StringArray, UInt8Array, UInt32Array};
+use arrow::array::{
+    Array, BinaryArray, Float32Array, Int64Array, StringArray, UInt8Array, UInt32Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
@@ -20,11 +22,15 @@ static PATCH_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("col", DataType::UInt32, false),
         Field::new("x", DataType::UInt32, false),
         Field::new("y", DataType::UInt32, false),
+        Field::new("level", DataType::UInt32, false),
         Field::new("grid_rows", DataType::UInt32, false),
         Field::new("grid_cols", DataType::UInt32, false),
         Field::new("size", DataType::UInt32, false),
         Field::new("channels", DataType::UInt8, false),
-        Field::new("pixels", DataType::Binary, false),
+        Field::new("mean", DataType::Float32, false),
+        Field::new("std", DataType::Float32, false),
+        Field::new("fg_fraction", DataType::Float32, false),
+        Field::new("pixels", DataType::Binary, true),
     ]))
 });
 
@@ -41,31 +47,123 @@ pub struct ImageKey {
     pub split: String,
 }
 
-/// A decoded image: interleaved (HWC) u8 pixels.
+/// Decoded pixels: interleaved (HWC) u8, rows `top..top + rows` of an image `image_height`
+/// tall (a whole image has `top` 0 and `rows` = `image_height`; a TIFF band holds fewer).
 pub struct Raster<'a> {
     pub pixels: &'a [u8],
     pub width: usize,
-    pub height: usize,
+    pub rows: usize,
+    pub top: usize,
+    pub image_height: usize,
     pub channels: usize,
 }
 
-/// The batch of grid row `row`: one Arrow row per patch (r, 0..cols).
-pub fn band_batch(key: &ImageKey, grid: &Grid, row: usize, image: &Raster) -> RecordBatch {
-    let n = grid.cols;
-    let mut pixels = Vec::with_capacity(n * grid.patch * grid.patch * image.channels);
-    for col in 0..n {
-        copy_patch(
-            image.pixels,
-            image.width,
-            image.height,
-            image.channels,
-            grid,
-            row,
-            col,
-            &mut pixels,
-        );
+impl<'a> Raster<'a> {
+    pub fn whole(pixels: &'a [u8], width: usize, height: usize, channels: usize) -> Self {
+        Self {
+            pixels,
+            width,
+            rows: height,
+            top: 0,
+            image_height: height,
+            channels,
+        }
     }
-    let patch_bytes = grid.patch * grid.patch * image.channels;
+}
+
+/// Which pixels count as foreground: those on the far side of `threshold` from the background
+/// (grey level, the mean of the channels). Slides have a light background (glass); UltraMNIST a
+/// dark one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Foreground {
+    pub threshold: u8,
+    pub light_background: bool,
+    /// Patches whose foreground fraction is below this keep their metadata row but not their
+    /// pixels (null): they are neither buffered nor encoded; their latent cells stay zero.
+    pub min_fraction: f32,
+}
+
+impl Default for Foreground {
+    fn default() -> Self {
+        Self {
+            threshold: 220,
+            light_background: true,
+            min_fraction: 0.0,
+        }
+    }
+}
+
+/// Mean and standard deviation of every sample, and the foreground fraction of the pixels, over
+/// the part of the patch inside the image (`valid_w` x `valid_h`; zero padding is not counted).
+pub fn patch_stats(
+    patch: &[u8],
+    m: usize,
+    channels: usize,
+    valid_w: usize,
+    valid_h: usize,
+    fg: &Foreground,
+) -> (f32, f32, f32) {
+    let (mut sum, mut sq, mut fg_pixels) = (0u64, 0u64, 0u64);
+    for y in 0..valid_h {
+        let row = &patch[y * m * channels..(y * m + valid_w) * channels];
+        for px in row.chunks_exact(channels) {
+            let mut grey = 0u32;
+            for &v in px {
+                sum += v as u64;
+                sq += (v as u64) * (v as u64);
+                grey += v as u32;
+            }
+            let grey = grey / channels as u32;
+            let is_fg = if fg.light_background {
+                grey < fg.threshold as u32
+            } else {
+                grey > fg.threshold as u32
+            };
+            fg_pixels += is_fg as u64;
+        }
+    }
+    let pixels = (valid_w * valid_h) as f64;
+    if pixels == 0.0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let n = pixels * channels as f64;
+    let mean = sum as f64 / n;
+    let var = (sq as f64 / n - mean * mean).max(0.0);
+    (mean as f32, var.sqrt() as f32, (fg_pixels as f64 / pixels) as f32)
+}
+
+/// The batch of grid row `row`: one Arrow row per patch (r, 0..cols), with statistics; patches
+/// below `fg.min_fraction` carry null pixels.
+pub fn band_batch(
+    key: &ImageKey,
+    grid: &Grid,
+    row: usize,
+    image: &Raster,
+    level: u32,
+    fg: &Foreground,
+) -> RecordBatch {
+    let n = grid.cols;
+    let m = grid.patch;
+    let patch_bytes = m * m * image.channels;
+    let mut patch = Vec::with_capacity(patch_bytes);
+    let mut pixels = arrow::array::BinaryBuilder::with_capacity(n, n * patch_bytes);
+    let (mut means, mut stds, mut fgs) = (Vec::new(), Vec::new(), Vec::new());
+    for col in 0..n {
+        patch.clear();
+        copy_patch(image, grid, row, col, &mut patch);
+        let (x0, y0) = grid.origin(row, col);
+        let valid_w = image.width.saturating_sub(x0).min(m);
+        let valid_h = image.image_height.saturating_sub(y0).min(m);
+        let (mean, std, f) = patch_stats(&patch, m, image.channels, valid_w, valid_h, fg);
+        means.push(mean);
+        stds.push(std);
+        fgs.push(f);
+        if f >= fg.min_fraction {
+            pixels.append_value(&patch);
+        } else {
+            pixels.append_null();
+        }
+    }
     let u32s = |f: &dyn Fn(usize) -> usize| {
         Arc::new(UInt32Array::from_iter_values((0..n).map(|c| f(c) as u32)))
     };
@@ -82,13 +180,15 @@ pub fn band_batch(key: &ImageKey, grid: &Grid, row: usize, image: &Raster) -> Re
         u32s(&|c| c),
         u32s(&|c| grid.origin(row, c).0),
         u32s(&|c| grid.origin(row, c).1),
+        u32s(&|_| level as usize),
         u32s(&|_| grid.rows),
         u32s(&|_| grid.cols),
         u32s(&|_| grid.patch),
         Arc::new(UInt8Array::from(vec![image.channels as u8; n])),
-        Arc::new(BinaryArray::from_iter_values(
-            pixels.chunks_exact(patch_bytes),
-        )),
+        Arc::new(Float32Array::from(means)),
+        Arc::new(Float32Array::from(stds)),
+        Arc::new(Float32Array::from(fgs)),
+        Arc::new(pixels.finish()),
     ];
     RecordBatch::try_new(patch_schema(), columns).expect("band batch matches the patch schema")
 }
@@ -101,13 +201,19 @@ pub struct ImagePatches {
     pub grid_cols: usize,
     pub patch: usize,
     pub channels: usize,
-    /// cells x patch x patch x channels bytes (HWC per cell).
+    /// cells x patch x patch x channels bytes (HWC per cell); zero for absent cells.
     pub pixels: Vec<u8>,
+    /// Cells whose pixels arrived; false where the foreground filter dropped them.
+    pub present: Vec<bool>,
 }
 
 impl ImagePatches {
     pub fn cells(&self) -> usize {
         self.grid_rows * self.grid_cols
+    }
+
+    pub fn all_present(&self) -> bool {
+        self.present.iter().all(|&p| p)
     }
 }
 
@@ -170,6 +276,7 @@ impl ImageAssembler {
                         patch: m,
                         channels: ch,
                         pixels: vec![0; gr * gc * patch_bytes],
+                        present: vec![false; gr * gc],
                     },
                     seen: vec![false; gr * gc],
                     remaining: gr * gc,
@@ -184,6 +291,8 @@ impl ImageAssembler {
                     "patch ({r}, {c}) of image '{id}' does not fit its grid"
                 )));
             }
+            let cell = r * gc + c;
+            if pixels.is_valid(i) {
             let value = pixels.value(i);
             if value.len() != patch_bytes {
                 return Err(PatchError::Malformed(format!(
@@ -191,8 +300,9 @@ impl ImageAssembler {
                     value.len()
                 )));
             }
-            let cell = r * gc + c;
             entry.image.pixels[cell * patch_bytes..(cell + 1) * patch_bytes].copy_from_slice(value);
+            entry.image.present[cell] = true;
+            }
             if !std::mem::replace(&mut entry.seen[cell], true) {
                 entry.remaining -= 1;
             }
@@ -201,6 +311,11 @@ impl ImageAssembler {
             }
         }
         Ok(done)
+    }
+
+    /// Forget an image's partial patches (its source failed after some bands arrived).
+    pub fn discard(&mut self, image_id: &str) {
+        self.partial.remove(image_id);
     }
 
     /// Images that started but never completed (a source that stopped mid-image).
@@ -219,20 +334,15 @@ mod tests {
     fn bands_reassemble_into_the_cells_they_came_from() {
         // 4 x 4 grey image cut into 2 x 2 patches: 2 x 2 grid; pixel value = y * 4 + x.
         let px: Vec<u8> = (0..16).collect();
-        let img = Raster {
-            pixels: &px,
-            width: 4,
-            height: 4,
-            channels: 1,
-        };
+        let img = Raster::whole(&px, 4, 4, 1);
         let grid = Grid::new(4, 4, 2, 2).unwrap();
         let key = ImageKey {
             image_id: "a/b".into(),
             label: Some(3),
             split: "train".into(),
         };
-        let b1 = band_batch(&key, &grid, 1, &img);
-        let b0 = band_batch(&key, &grid, 0, &img);
+        let b1 = band_batch(&key, &grid, 1, &img, 0, &Foreground::default());
+        let b0 = band_batch(&key, &grid, 0, &img, 0, &Foreground::default());
         assert_eq!(b0.num_rows(), 2);
         let mut asm = ImageAssembler::default();
         assert!(asm.push(&b1).unwrap().is_empty());
@@ -245,5 +355,40 @@ mod tests {
         assert_eq!(&im.pixels[2 * 4..3 * 4], &[8, 9, 12, 13]);
         assert_eq!(&im.pixels[4..8], &[2, 3, 6, 7]);
         assert!(asm.incomplete().is_empty());
+    }
+
+    #[test]
+    fn stats_skip_padding_and_the_filter_drops_pixels_but_keeps_rows() {
+        let px = [250u8, 10, 250, 250, 10, 250]; // 3 x 2 grey
+        let img = Raster::whole(&px, 3, 2, 1);
+        let grid = Grid::new(3, 2, 2, 2).unwrap(); // 1 x 2 cells, the second padded
+        let key = ImageKey {
+            image_id: "s".into(),
+            label: None,
+            split: "val".into(),
+        };
+        let fg = Foreground {
+            threshold: 220,
+            light_background: true,
+            min_fraction: 0.25,
+        };
+        let b = band_batch(&key, &grid, 0, &img, 2, &fg);
+        let f32s = |name: &str| {
+            b.column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(f32s("mean"), vec![130.0, 250.0]); // padding not counted
+        assert_eq!(f32s("std"), vec![120.0, 0.0]);
+        assert_eq!(f32s("fg_fraction"), vec![0.5, 0.0]);
+        let pixels = b.column_by_name("pixels").unwrap();
+        assert_eq!((pixels.is_valid(0), pixels.is_valid(1)), (true, false));
+        let done = ImageAssembler::default().push(&b).unwrap();
+        assert_eq!(done[0].present, vec![true, false]);
+        assert_eq!(&done[0].pixels[4..], &[0, 0, 0, 0]);
     }
 }

@@ -5,6 +5,7 @@
 //! Cell (r, c) is the patch whose top-left corner is at x = c * s, y = r * s.
 
 use super::PatchError;
+use super::batch::Raster;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grid {
@@ -57,31 +58,24 @@ impl Grid {
     }
 }
 
-/// Copy patch (row, col) of an interleaved (HWC, u8) image into `out`, zero-padding outside it.
-pub fn copy_patch(
-    pixels: &[u8],
-    width: usize,
-    height: usize,
-    channels: usize,
-    grid: &Grid,
-    row: usize,
-    col: usize,
-    out: &mut Vec<u8>,
-) {
-    let m = grid.patch;
+/// Copy patch (row, col) of `image` into `out`, zero-padding outside the image.
+pub fn copy_patch(image: &Raster, grid: &Grid, row: usize, col: usize, out: &mut Vec<u8>) {
+    let (m, ch, width) = (grid.patch, image.channels, image.width);
     let (x0, y0) = grid.origin(row, col);
     let start = out.len();
-    out.resize(start + m * m * channels, 0);
+    out.resize(start + m * m * ch, 0);
     let inside_w = width.saturating_sub(x0).min(m);
     for dy in 0..m {
         let y = y0 + dy;
-        if y >= height {
+        if y < image.top {
+            continue;
+        }
+        if y >= image.image_height || y >= image.top + image.rows {
             break;
         }
-        let src = (y * width + x0) * channels;
-        let dst = start + dy * m * channels;
-        out[dst..dst + inside_w * channels]
-            .copy_from_slice(&pixels[src..src + inside_w * channels]);
+        let src = ((y - image.top) * width + x0) * ch;
+        let dst = start + dy * m * ch;
+        out[dst..dst + inside_w * ch].copy_from_slice(&image.pixels[src..src + inside_w * ch]);
     }
 }
 
@@ -108,10 +102,11 @@ mod tests {
         let g = Grid::new(3, 2, 2, 2).unwrap();
         assert_eq!((g.rows, g.cols), (1, 2));
         let mut out = Vec::new();
-        copy_patch(&px, 3, 2, 1, &g, 0, 1, &mut out);
+        let img = Raster::whole(&px, 3, 2, 1);
+        copy_patch(&img, &g, 0, 1, &mut out);
         assert_eq!(out, vec![3, 0, 6, 0]);
         out.clear();
-        copy_patch(&px, 3, 2, 1, &g, 0, 0, &mut out);
+        copy_patch(&img, &g, 0, 0, &mut out);
         assert_eq!(out, vec![1, 2, 4, 5]);
     }
 }

@@ -4,7 +4,7 @@
 pub mod batch;
 pub mod grid;
 
-pub use batch::{ImageAssembler, ImagePatches, patch_schema};
+pub use batch::{Foreground, ImageAssembler, ImagePatches, Raster, patch_schema};
 pub use grid::Grid;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{BackboneKind, Method};
+use crate::patch::Foreground;
+use crate::source::StreamConfig;
+use crate::storage::StoreOptions;
 use crate::train::Accumulation;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,9 @@ pub struct Definition {
     pub train: TrainSpec,
     /// Where the run writes metrics, predictions, errors, weights and the plot.
     pub output: String,
+    /// Object store settings for every URL in the file (endpoint, region, retries, ...).
+    #[serde(default)]
+    pub storage: StoreOptions,
     /// How `patchgd synth ultramnist --config FILE` generates this pipeline's data set.
     #[serde(default)]
     pub synth: Option<SynthSpec>,
@@ -66,6 +72,12 @@ pub struct SourceSpec {
     /// `skip`: report a bad image in the errors table and go on; `stop`: end the run.
     #[serde(default)]
     pub on_error: OnError,
+    /// Pyramid level of TIFF images (0 = full resolution).
+    #[serde(default)]
+    pub level: usize,
+    /// Instead of `level`: the TIFF level nearest this many microns per pixel.
+    #[serde(default)]
+    pub target_mpp: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +95,55 @@ pub struct PatchSpec {
     /// Defaults to `size` (no overlap).
     #[serde(default)]
     pub stride: Option<usize>,
+    /// Patch statistics and the foreground filter.
+    #[serde(default)]
+    pub foreground: ForegroundSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForegroundSpec {
+    /// Grey level (0-255) separating foreground from background.
+    #[serde(default = "default_fg_threshold")]
+    pub threshold: u8,
+    /// `light` (slides: glass is bright) or `dark` (UltraMNIST: black canvas).
+    #[serde(default)]
+    pub background: Background,
+    /// Keep only patches with at least this foreground fraction; the others stay zero in Z.
+    #[serde(default)]
+    pub min_fraction: f32,
+}
+
+impl Default for ForegroundSpec {
+    fn default() -> Self {
+        Self {
+            threshold: default_fg_threshold(),
+            background: Background::Light,
+            min_fraction: 0.0,
+        }
+    }
+}
+
+impl ForegroundSpec {
+    pub fn to_foreground(&self) -> Foreground {
+        Foreground {
+            threshold: self.threshold,
+            light_background: self.background == Background::Light,
+            min_fraction: self.min_fraction,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Background {
+    #[default]
+    Light,
+    Dark,
+}
+
+fn default_fg_threshold() -> u8 {
+    220
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -181,6 +242,25 @@ pub struct SynthSpec {
     pub val: usize,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `png`, or `tiff` (tiled pyramidal, for large canvases).
+    #[serde(default = "default_synth_format")]
+    pub format: String,
+    /// TIFF tile size.
+    #[serde(default = "default_tile")]
+    pub tile: u32,
+    /// TIFF tile compression: jpeg, deflate, lzw or none.
+    #[serde(default = "default_synth_compression")]
+    pub compression: String,
+}
+
+fn default_synth_format() -> String {
+    "png".into()
+}
+fn default_tile() -> u32 {
+    256
+}
+fn default_synth_compression() -> String {
+    "jpeg".into()
 }
 
 fn default_name() -> String {
@@ -196,7 +276,7 @@ fn default_decode_workers() -> usize {
     2
 }
 fn default_buffer_mib() -> usize {
-    256
+    128
 }
 fn default_latent_dim() -> i64 {
     256
@@ -292,6 +372,28 @@ impl Definition {
         self.patch.stride.unwrap_or(self.patch.size)
     }
 
+    /// What the source stage needs from this file. GD reads each image whole, resized.
+    pub fn stream_config(&self) -> StreamConfig {
+        let (patch, stride, resize_to) = match self.method {
+            Method::Patchgd => (self.patch.size, self.stride(), None),
+            Method::Gd => {
+                let s = self.gd.image_size;
+                (s as usize, s as usize, Some(s))
+            }
+        };
+        StreamConfig {
+            patch,
+            stride,
+            channels: self.source.channels,
+            resize_to,
+            decode_workers: self.source.decode_workers,
+            buffer_bytes: self.source.buffer_mib << 20,
+            level: self.source.level,
+            target_mpp: self.source.target_mpp,
+            foreground: self.patch.foreground.to_foreground(),
+        }
+    }
+
     fn validate(&self, file: &str) -> Result<(), DefinitionError> {
         let bad = |key: &str, message: String| {
             Err(DefinitionError::Invalid {
@@ -314,6 +416,21 @@ impl Definition {
         }
         if self.source.decode_workers == 0 {
             return bad("source.decode_workers", "must be at least 1".into());
+        }
+        if let Some(mpp) = self.source.target_mpp
+            && !(mpp > 0.0)
+        {
+            return bad("source.target_mpp", format!("is {mpp}; must be positive"));
+        }
+        let f = self.patch.foreground.min_fraction;
+        if !(0.0..=1.0).contains(&f) {
+            return bad(
+                "patch.foreground.min_fraction",
+                format!("is {f}; allowed: 0 to 1"),
+            );
+        }
+        if let Err(e) = self.storage.validate() {
+            return bad("storage", e.to_string());
         }
         if self.source.buffer_mib == 0 {
             return bad("source.buffer_mib", "must be at least 1".into());
@@ -387,6 +504,18 @@ impl Definition {
                         s.classes
                     ),
                 );
+            }
+            if !matches!(s.format.as_str(), "png" | "tiff") {
+                return bad("synth.format", format!("is '{}'; allowed: png, tiff", s.format));
+            }
+            if !matches!(s.compression.as_str(), "jpeg" | "deflate" | "lzw" | "none") {
+                return bad(
+                    "synth.compression",
+                    format!("is '{}'; allowed: jpeg, deflate, lzw, none", s.compression),
+                );
+            }
+            if s.tile < 16 || s.tile % 16 != 0 {
+                return bad("synth.tile", format!("is {}; must be a multiple of 16", s.tile));
             }
             if s.size < 28 {
                 return bad(

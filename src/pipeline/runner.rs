@@ -15,7 +15,7 @@ use crate::model::{Method, Model, ModelSpec};
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
-use crate::source::{Catalog, Failure, Split, StreamConfig, stream_images};
+use crate::source::{Catalog, Failure, Split, stream_images};
 use crate::storage::Location;
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
 use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
@@ -130,9 +130,9 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         .build()
         .expect("tokio runtime");
     let _guard = rt.enter();
-    let images = Location::parse(&def.source.images)?;
-    let output = Location::parse(&def.output)?;
-    let catalog = rt.block_on(Catalog::load(&images, &def.source.labels))?;
+    let images = Location::parse_with(&def.source.images, &def.storage)?;
+    let output = Location::parse_with(&def.output, &def.storage)?;
+    let catalog = rt.block_on(Catalog::load(&images, &def.source.labels, &def.storage))?;
     let train_set = catalog.split(Split::Train);
     let val_set = catalog.split(Split::Val);
     if train_set.is_empty() {
@@ -182,25 +182,7 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
             seed: def.train.seed,
         },
     );
-    let stream_config = match def.method {
-        Method::Patchgd => StreamConfig {
-            patch: def.patch.size,
-            stride: def.stride(),
-            channels: def.source.channels,
-            resize_to: None,
-            decode_workers: def.source.decode_workers,
-            buffer_bytes: def.source.buffer_mib << 20,
-        },
-        Method::Gd => StreamConfig {
-            patch: def.gd.image_size as usize,
-            stride: def.gd.image_size as usize,
-            channels: def.source.channels,
-            resize_to: Some(def.gd.image_size),
-            decode_workers: def.source.decode_workers,
-            buffer_bytes: def.source.buffer_mib << 20,
-        },
-    };
-
+    let stream_config = def.stream_config();
     let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
     let mut used: BTreeSet<String> = BTreeSet::new();

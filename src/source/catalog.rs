@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use object_store::path::Path;
 
 use super::{Failure, Result, SourceError};
-use crate::storage::{Location, StorageError};
+use crate::storage::{Location, StorageError, StoreOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Split {
@@ -37,6 +37,8 @@ pub struct ImageEntry {
     pub image_id: String,
     pub path: Path,
     pub url: String,
+    /// Object size in bytes (from the listing): ranged reads are checked against it.
+    pub size: u64,
     pub label: i64,
     pub split: Split,
 }
@@ -66,9 +68,9 @@ impl Catalog {
         self.images.iter().map(|e| e.label + 1).max().unwrap_or(0) as usize
     }
 
-    pub async fn load(images: &Location, labels_url: &str) -> Result<Self> {
-        let labels = load_labels(labels_url).await?;
-        let (labels_loc, labels_path) = split_url(labels_url)?;
+    pub async fn load(images: &Location, labels_url: &str, options: &StoreOptions) -> Result<Self> {
+        let labels = load_labels(labels_url, options).await?;
+        let (labels_loc, labels_path) = Location::parse_object(labels_url, options)?;
         let objects = images.list().await?;
         let mut catalog = Catalog::default();
         let mut matched = std::collections::HashSet::new();
@@ -89,6 +91,7 @@ impl Catalog {
                     matched.insert(key.clone());
                     catalog.images.push(ImageEntry {
                         image_id: id,
+                        size: meta.size,
                         path: meta.location,
                         url,
                         label: *label,
@@ -118,7 +121,7 @@ impl Catalog {
     }
 }
 
-fn strip_extension(rel: &str) -> &str {
+pub fn strip_extension(rel: &str) -> &str {
     match rel.rfind('.') {
         Some(dot) if !rel[dot..].contains('/') => &rel[..dot],
         _ => rel,
@@ -126,25 +129,13 @@ fn strip_extension(rel: &str) -> &str {
 }
 
 /// Splits `scheme://.../dir/file` into the directory's location and the file's path.
-fn split_url(url: &str) -> Result<(Location, Path)> {
-    let (dir, file) = url.rsplit_once('/').unwrap_or((".", url));
-    let dir = if dir.ends_with(':') || dir.ends_with(":/") {
-        format!("{dir}/")
-    } else {
-        dir.to_string()
-    };
-    let loc = Location::parse(&dir)?;
-    let path = loc.path(file);
-    Ok((loc, path))
-}
-
 /// image_id -> (label, split), from CSV or Parquet.
-pub async fn load_labels(url: &str) -> Result<HashMap<String, (i64, Split)>> {
+pub async fn load_labels(url: &str, options: &StoreOptions) -> Result<HashMap<String, (i64, Split)>> {
     let err = |reason: String| SourceError::Labels {
         url: url.to_string(),
         reason,
     };
-    let (loc, path) = split_url(url)?;
+    let (loc, path) = Location::parse_object(url, options)?;
     let bytes = match loc.get(&path).await {
         Err(StorageError::NotFound { .. }) => return Err(err("does not exist".into())),
         other => other?,
@@ -248,7 +239,7 @@ mod tests {
         root.put("images/val/b.png", "x").await.unwrap();
         root.put("images/val/c.png", "x").await.unwrap();
         let images = Location::parse("memory://catalog-test/ds/images").unwrap();
-        let cat = Catalog::load(&images, "memory://catalog-test/ds/labels.csv")
+        let cat = Catalog::load(&images, "memory://catalog-test/ds/labels.csv", &Default::default())
             .await
             .unwrap();
         assert_eq!(cat.objects, 3);
@@ -273,7 +264,7 @@ mod tests {
         root.put("badsplit.csv", "image_id,label,split\na,1,test\n")
             .await
             .unwrap();
-        let e = load_labels("memory://catalog-test2/ds/missing.csv")
+        let e = load_labels("memory://catalog-test2/ds/missing.csv", &Default::default())
             .await
             .unwrap_err()
             .to_string();
@@ -281,12 +272,12 @@ mod tests {
             e.contains("missing.csv") && e.contains("does not exist"),
             "{e}"
         );
-        let e = load_labels("memory://catalog-test2/ds/nolabel.csv")
+        let e = load_labels("memory://catalog-test2/ds/nolabel.csv", &Default::default())
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("no column 'label'"), "{e}");
-        let e = load_labels("memory://catalog-test2/ds/badsplit.csv")
+        let e = load_labels("memory://catalog-test2/ds/badsplit.csv", &Default::default())
             .await
             .unwrap_err()
             .to_string();

@@ -44,6 +44,26 @@ pub fn decode(bytes: &[u8], channels: usize, resize_to: Option<u32>) -> Result<D
     })
 }
 
+/// Resize interleaved pixels to `size` x `size` (bilinear), as `decode` does with `resize_to`.
+pub fn resize(pixels: &[u8], width: usize, height: usize, channels: usize, size: u32) -> Vec<u8> {
+    let (w, h) = (width as u32, height as u32);
+    let img = if channels == 1 {
+        image::DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(w, h, pixels.to_vec()).expect("pixel count matches"),
+        )
+    } else {
+        image::DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w, h, pixels.to_vec()).expect("pixel count matches"),
+        )
+    };
+    let out = img.resize_exact(size, size, FilterType::Triangle);
+    if channels == 1 {
+        out.into_luma8().into_raw()
+    } else {
+        out.into_rgb8().into_raw()
+    }
+}
+
 /// Encode grey or RGB pixels as PNG.
 pub fn encode_png(width: u32, height: u32, channels: usize, pixels: &[u8]) -> Vec<u8> {
     let color = if channels == 1 {

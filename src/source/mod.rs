@@ -3,7 +3,9 @@
 
 pub mod catalog;
 pub mod decode;
+pub mod inspect;
 pub mod stream;
+pub mod tiff;
 
 pub use catalog::{Catalog, ImageEntry, Split};
 pub use stream::{PatchBatch, SourceItem, StreamConfig, stream_images};

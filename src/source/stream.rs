@@ -2,17 +2,21 @@
 //! bands, sent downstream through a buffer bounded in bytes (a semaphore of KiB permits that a
 //! batch holds until the consumer drops it).
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::decode::decode;
+use super::tiff::{self, TiffError, TiffFile};
 use super::{Failure, ImageEntry};
-use crate::patch::batch::{ImageKey, Raster, band_batch};
+use crate::patch::batch::{Foreground, ImageKey, Raster, band_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::storage::Location;
 
@@ -24,10 +28,32 @@ pub struct StreamConfig {
     pub channels: usize,
     /// Resize every image to this square size first (the GD baseline); `None` keeps it.
     pub resize_to: Option<u32>,
-    /// Images decoded in parallel.
+    /// Images (PNG/JPEG) or bands of tiles (TIFF) decoded in parallel.
     pub decode_workers: usize,
     /// Bytes of patch batches that may wait between the source and its consumer.
     pub buffer_bytes: usize,
+    /// Pyramid level to read (TIFF); PNG and JPEG have only level 0.
+    pub level: usize,
+    /// Instead of `level`: the TIFF level closest to this resolution (microns per pixel).
+    pub target_mpp: Option<f64>,
+    /// Patch statistics and the foreground filter.
+    pub foreground: Foreground,
+}
+
+impl StreamConfig {
+    pub fn new(patch: usize, channels: usize) -> Self {
+        Self {
+            patch,
+            stride: patch,
+            channels,
+            resize_to: None,
+            decode_workers: 2,
+            buffer_bytes: 64 << 20,
+            level: 0,
+            target_mpp: None,
+            foreground: Foreground::default(),
+        }
+    }
 }
 
 /// A patch batch that holds its share of the byte budget until dropped.
@@ -42,9 +68,20 @@ pub enum SourceItem {
 }
 
 const PERMIT_BYTES: usize = 1024;
+/// The first request for every object: enough for a PNG/JPEG thumbnail or a TIFF's directories.
+pub const HEAD_BYTES: u64 = 64 << 10;
+
+type BandResult = Result<RecordBatch, Failure>;
+type BandFuture = BoxFuture<'static, BandResult>;
 
 /// Streams the patches of `entries` in the given order. Failures arrive in the same channel, so
-/// that a consumer accounts for every image: each entry yields its bands or one failure.
+/// that a consumer accounts for every image: each entry yields its bands or one failure (bands
+/// that arrived before an image failed mid-way are to be discarded by the consumer).
+///
+/// Two ordered, parallel stages: opening an image (first request; a PNG or JPEG is fetched and
+/// decoded whole here, a TIFF's directories are parsed), then its bands (TIFF: the tiles of one
+/// grid row, fetched by range and decoded on the blocking pool). Each runs `decode_workers`
+/// ahead, and finished batches wait in a buffer bounded in bytes.
 pub fn stream_images(
     images: Location,
     entries: Vec<ImageEntry>,
@@ -53,62 +90,68 @@ pub fn stream_images(
     let (tx, rx) = mpsc::channel(64);
     let max_permits = (config.buffer_bytes / PERMIT_BYTES).max(1);
     let budget = Arc::new(Semaphore::new(max_permits));
+    let config = Arc::new(config);
     tokio::spawn(async move {
-        let workers = config.decode_workers.max(1);
-        let mut decoded = futures::stream::iter(entries)
-            .map(|entry| {
-                let images = images.clone();
-                let config = config.clone();
-                async move {
-                    let bytes = match images.get(&entry.path).await {
-                        Ok(b) => b,
-                        Err(e) => return Err(failure(&entry, "read", e.to_string())),
-                    };
-                    tokio::task::spawn_blocking(move || cut(&entry, &bytes, &config))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(Failure {
-                                image_id: String::new(),
-                                url: String::new(),
-                                stage: "decode".into(),
-                                message: format!("decoder panicked: {e}"),
-                            })
-                        })
-                }
-            })
-            .buffered(workers);
-        while let Some(result) = decoded.next().await {
-            match result {
-                Ok(bands) => {
-                    for batch in bands {
-                        let bytes = batch.get_array_memory_size();
-                        let permits = (bytes / PERMIT_BYTES).clamp(1, max_permits) as u32;
-                        let permit = budget
-                            .clone()
-                            .acquire_many_owned(permits)
-                            .await
-                            .expect("budget is never closed");
-                        if tx
-                            .send(SourceItem::Batch(PatchBatch {
-                                batch,
-                                _permit: permit,
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return; // consumer gone
-                        }
+        let mut bands = band_stream(images, entries, config);
+        let mut failed = HashSet::new();
+        while let Some(result) = bands.next().await {
+            let item = match result {
+                Ok(batch) => {
+                    let id = image_id_of(&batch);
+                    if failed.contains(id) {
+                        continue; // the rest of an image that already failed
                     }
+                    let bytes = batch.get_array_memory_size();
+                    let permits = (bytes / PERMIT_BYTES).clamp(1, max_permits) as u32;
+                    let permit = budget
+                        .clone()
+                        .acquire_many_owned(permits)
+                        .await
+                        .expect("budget is never closed");
+                    SourceItem::Batch(PatchBatch {
+                        batch,
+                        _permit: permit,
+                    })
                 }
                 Err(f) => {
-                    if tx.send(SourceItem::Failed(f)).await.is_err() {
-                        return;
+                    if !failed.insert(f.image_id.clone()) {
+                        continue; // one failure per image
                     }
+                    SourceItem::Failed(f)
                 }
+            };
+            if tx.send(item).await.is_err() {
+                return; // consumer gone
             }
         }
     });
     rx
+}
+
+/// The two ordered stages as one boxed stream of band results.
+fn band_stream(
+    images: Location,
+    entries: Vec<ImageEntry>,
+    config: Arc<StreamConfig>,
+) -> BoxStream<'static, BandResult> {
+    let workers = config.decode_workers.max(1);
+    let opened: BoxStream<'static, Vec<BandFuture>> = futures::stream::iter(entries)
+        .map(move |entry| open_image(images.clone(), entry, config.clone()))
+        .buffered(workers)
+        .boxed();
+    opened
+        .flat_map(|bands: Vec<BandFuture>| futures::stream::iter(bands))
+        .buffered(workers)
+        .boxed()
+}
+
+fn image_id_of(batch: &RecordBatch) -> &str {
+    batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .expect("image_id is the first column")
+        .value(0)
 }
 
 fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
@@ -120,30 +163,223 @@ fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
     }
 }
 
-/// Decode one image and cut it into band batches.
-fn cut(
+fn failed(f: Failure) -> Vec<BandFuture> {
+    vec![futures::future::ready(Err(f)).boxed()]
+}
+
+/// Run `work` on the blocking pool; a panic becomes the image's failure.
+async fn blocking<T: Send + 'static>(
+    entry: &ImageEntry,
+    work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(failure(entry, "decode", format!("decoder panicked: {e}"))))
+}
+
+/// First request for one image; returns its band futures (or one failure).
+async fn open_image(
+    images: Location,
+    entry: ImageEntry,
+    config: Arc<StreamConfig>,
+) -> Vec<BandFuture> {
+    if entry.size == 0 {
+        return failed(failure(&entry, "decode", "empty object (0 bytes)".into()));
+    }
+    let head = match images.get_range(&entry.path, 0..entry.size.min(HEAD_BYTES)).await {
+        Ok(b) => b,
+        Err(e) => return failed(failure(&entry, "read", e.to_string())),
+    };
+    if tiff::is_tiff(&head) {
+        return open_tiff(images, entry, config, head).await;
+    }
+    if !looks_like_png_or_jpeg(&head) {
+        let shown: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return failed(failure(
+            &entry,
+            "decode",
+            format!(
+                "not an image: content starts with bytes {}; expected PNG, JPEG or TIFF",
+                shown.join(" ")
+            ),
+        ));
+    }
+    if config.level > 0 || config.target_mpp.is_some() {
+        return failed(failure(
+            &entry,
+            "decode",
+            format!(
+                "PNG and JPEG images have one level; source.level {} / target_mpp needs a pyramidal TIFF",
+                config.level
+            ),
+        ));
+    }
+    let bytes = if (head.len() as u64) < entry.size {
+        match images.get_range(&entry.path, head.len() as u64..entry.size).await {
+            Ok(rest) => [head, rest].concat(),
+            Err(e) => return failed(failure(&entry, "read", e.to_string())),
+        }
+    } else {
+        head.to_vec()
+    };
+    let e = entry.clone();
+    match blocking(&entry, move || cut_whole(&e, &bytes, &config)).await {
+        Ok(bands) => bands
+            .into_iter()
+            .map(|b| futures::future::ready(Ok(b)).boxed())
+            .collect(),
+        Err(f) => failed(f),
+    }
+}
+
+fn looks_like_png_or_jpeg(head: &[u8]) -> bool {
+    head.starts_with(b"\x89PNG\r\n\x1a\n") || head.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+fn key_of(entry: &ImageEntry) -> ImageKey {
+    ImageKey {
+        image_id: entry.image_id.clone(),
+        label: Some(entry.label),
+        split: entry.split.as_str().into(),
+    }
+}
+
+/// Decode a whole PNG/JPEG and cut it into band batches.
+fn cut_whole(
     entry: &ImageEntry,
     bytes: &[u8],
     config: &StreamConfig,
 ) -> Result<Vec<RecordBatch>, Failure> {
     let img = decode(bytes, config.channels, config.resize_to)
         .map_err(|m| failure(entry, "decode", m))?;
-    let grid = Grid::new(img.width, img.height, config.patch, config.stride)
+    cut_raster(entry, &img.pixels, img.width, img.height, config)
+}
+
+fn cut_raster(
+    entry: &ImageEntry,
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    config: &StreamConfig,
+) -> Result<Vec<RecordBatch>, Failure> {
+    let grid = Grid::new(width, height, config.patch, config.stride)
         .map_err(|e| failure(entry, "patch", e.to_string()))?;
-    let key = ImageKey {
-        image_id: entry.image_id.clone(),
-        label: Some(entry.label),
-        split: entry.split.as_str().into(),
-    };
-    let raster = Raster {
-        pixels: &img.pixels,
-        width: img.width,
-        height: img.height,
-        channels: img.channels,
-    };
+    let raster = Raster::whole(pixels, width, height, config.channels);
+    let key = key_of(entry);
     Ok((0..grid.rows)
-        .map(|row| band_batch(&key, &grid, row, &raster))
+        .map(|row| band_batch(&key, &grid, row, &raster, 0, &config.foreground))
         .collect())
+}
+
+/// Parse a TIFF's directories, choose the level, and plan one band future per grid row.
+async fn open_tiff(
+    images: Location,
+    entry: ImageEntry,
+    config: Arc<StreamConfig>,
+    head: bytes::Bytes,
+) -> Vec<BandFuture> {
+    let file = match TiffFile::open(&images, &entry.path, entry.size, head).await {
+        Ok(f) => f,
+        Err(e) => return failed(failure(&entry, stage_of(&e), e.to_string())),
+    };
+    let level = match config.target_mpp {
+        Some(mpp) => match file.level_for_mpp(mpp) {
+            Some(l) => l,
+            None => {
+                return failed(failure(
+                    &entry,
+                    "decode",
+                    format!("target_mpp {mpp} given but the TIFF states no MPP; use source.level"),
+                ));
+            }
+        },
+        None => config.level,
+    };
+    let dir = match file.level(level).and_then(|d| {
+        tiff::chunk::check_supported(d)?;
+        Ok(d.clone())
+    }) {
+        Ok(d) => d,
+        Err(e) => return failed(failure(&entry, "decode", e.to_string())),
+    };
+    let (width, height) = (dir.width as usize, dir.height as usize);
+    let file = Arc::new(file);
+    if config.resize_to.is_some() {
+        // Whole-image input (GD): read the level at once, then resize like a PNG.
+        let result = tiff::read_rows(&images, &file, level, 0, height, config.channels).await;
+        return match result {
+            Err(e) => failed(failure(&entry, stage_of(&e), e.to_string())),
+            Ok(pixels) => {
+                let e = entry.clone();
+                let size = config.resize_to.unwrap();
+                let cut = blocking(&entry, move || {
+                    let img = crate::source::decode::resize(&pixels, width, height, config.channels, size);
+                    cut_raster(&e, &img, size as usize, size as usize, &config)
+                })
+                .await;
+                match cut {
+                    Ok(bands) => bands.into_iter().map(|b| futures::future::ready(Ok(b)).boxed()).collect(),
+                    Err(f) => failed(f),
+                }
+            }
+        };
+    }
+    let grid = match Grid::new(width, height, config.patch, config.stride) {
+        Ok(g) => g,
+        Err(e) => {
+            return failed(failure(
+                &entry,
+                "patch",
+                format!("level {level} ({width} x {height}): {e}"),
+            ));
+        }
+    };
+    let key = Arc::new(key_of(&entry));
+    let entry = Arc::new(entry);
+    let dir = Arc::new(dir);
+    (0..grid.rows)
+        .map(|row| {
+            let (images, file, config, key, entry, dir) = (
+                images.clone(),
+                file.clone(),
+                config.clone(),
+                key.clone(),
+                entry.clone(),
+                dir.clone(),
+            );
+            async move {
+                let y0 = grid.origin(row, 0).1;
+                let rows = grid.patch.min(height - y0);
+                let chunks = tiff::chunk::fetch_band(&images, &file, level, y0, rows)
+                    .await
+                    .map_err(|e| failure(&entry, stage_of(&e), e.to_string()))?;
+                let e = entry.clone();
+                blocking(&entry, move || {
+                    let band = tiff::chunk::assemble_band(&dir, level, &chunks, y0, rows, config.channels)
+                        .map_err(|err| failure(&e, stage_of(&err), err.to_string()))?;
+                    let raster = Raster {
+                        pixels: &band,
+                        width,
+                        rows,
+                        top: y0,
+                        image_height: height,
+                        channels: config.channels,
+                    };
+                    Ok(band_batch(&key, &grid, row, &raster, level as u32, &config.foreground))
+                })
+                .await
+            }
+            .boxed()
+        })
+        .collect()
+}
+
+/// Error table stage: a failed request is `read`, anything about the content is `decode`.
+fn stage_of(e: &TiffError) -> &'static str {
+    match e {
+        TiffError::Storage(_) => "read",
+        _ => "decode",
+    }
 }
 
 /// The same patches as a DataFusion stream, for other engines; failures are collected aside.

@@ -1,12 +1,49 @@
-//! Data set generators. `ultramnist`: the paper's synthetic benchmark, written as PNG images and
-//! a labels table to any object store URL.
+//! Data set generators. `ultramnist`: the paper's synthetic benchmark, written as PNG images or
+//! tiled pyramidal TIFFs, and a labels table, to any object store URL.
 
 pub mod glyphs;
 pub mod mnist;
 pub mod ultramnist;
 
+use crate::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
 use crate::storage::{Location, StorageError};
-pub use ultramnist::{Recipe, SynthImage, render_image, split_labels};
+pub use ultramnist::{Layout, Recipe, SynthImage, layout_image, render_image, split_labels};
+
+/// How images are written.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ImageFormat {
+    Png,
+    /// Tiled pyramidal TIFF: levels halve until one tile holds the level.
+    Tiff {
+        tile: u32,
+        compression: TileCompression,
+        bigtiff: bool,
+    },
+}
+
+/// Write one image as a tiled pyramidal TIFF, tile by tile (the full image is never in memory).
+pub async fn write_tiff_image(
+    out: &Location,
+    relative: &str,
+    layout: &Layout,
+    size: u32,
+    tile: u32,
+    compression: TileCompression,
+    bigtiff: bool,
+) -> Result<u64, StorageError> {
+    let spec = PyramidSpec {
+        levels: PyramidSpec::halving(size, size, tile),
+        tile,
+        channels: 1,
+        compression,
+        bigtiff,
+        description: format!("patchgd synth ultramnist {size}x{size} label={}", layout.label),
+    };
+    write_pyramid(out, relative, &spec, |level, tx, ty| {
+        layout.render_window(1 << level, tx * tile, ty * tile, tile, tile)
+    })
+    .await
+}
 
 /// Counts of what `write_ultramnist` wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,7 +60,37 @@ pub async fn write_ultramnist(
     train: usize,
     val: usize,
     mnist: Option<&mnist::MnistDigits>,
+    format: ImageFormat,
 ) -> Result<Written, StorageError> {
+    if let ImageFormat::Tiff {
+        tile,
+        compression,
+        bigtiff,
+    } = format
+    {
+        let mut csv = String::from("image_id,label,split,digits\n");
+        for (split, count) in [("train", train), ("val", val)] {
+            let labels = split_labels(recipe, split, count);
+            for (i, &label) in labels.iter().enumerate() {
+                let layout = layout_image(recipe, split, i, label, mnist);
+                let id = format!("{split}/{i:06}");
+                write_tiff_image(
+                    out,
+                    &format!("images/{id}.tif"),
+                    &layout,
+                    recipe.size,
+                    tile,
+                    compression,
+                    bigtiff,
+                )
+                .await?;
+                let digits: Vec<String> = layout.digits.iter().map(|d| d.to_string()).collect();
+                csv.push_str(&format!("{id},{label},{split},{}\n", digits.join(" ")));
+            }
+        }
+        out.put("labels.csv", csv).await?;
+        return Ok(Written { train, val });
+    }
     let mut csv = String::from("image_id,label,split,digits\n");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     for (split, count) in [("train", train), ("val", val)] {

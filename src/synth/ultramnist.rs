@@ -102,23 +102,34 @@ fn layout(canvas: u32, count: usize, rng: &mut Rng) -> Option<Vec<(u32, u32, u32
     Some(boxes)
 }
 
-/// Draw image `index` of `split` with label `label`.
-pub fn render_image(
+/// One image's content before rasterising: its digits, their boxes (x, y, size) and each
+/// digit's glyph pixels (size x size, grey).
+pub struct Layout {
+    pub label: u32,
+    pub digits: Vec<u8>,
+    pub boxes: Vec<(u32, u32, u32)>,
+    pub glyphs: Vec<Vec<u8>>,
+}
+
+/// Image `index` of `split`: digits summing to `label`, sizes and places drawn from the image's
+/// own RNG stream (so any image can be made alone, in any order, on any thread).
+pub fn layout_image(
     recipe: &Recipe,
     split: &str,
     index: usize,
     label: u32,
     mnist: Option<&MnistDigits>,
-) -> SynthImage {
+) -> Layout {
     let mut rng = Rng::derive(recipe.seed, &format!("image-{split}"), index as u64);
     let digits = digits_for(label, recipe, &mut rng);
     let m = recipe.size;
     let boxes = (0..1000)
         .find_map(|_| layout(m, digits.len(), &mut rng))
         .unwrap_or_else(|| panic!("cannot place {} digits on a {m} px canvas", digits.len()));
-    let mut canvas = vec![0u8; (m * m) as usize];
-    for (&digit, &(x, y, size)) in digits.iter().zip(&boxes) {
-        let tile = match mnist {
+    let glyphs = digits
+        .iter()
+        .zip(&boxes)
+        .map(|(&digit, &(_, _, size))| match mnist {
             Some(set) => {
                 let samples = &set.by_digit[digit as usize];
                 let sample = &samples[rng.below(samples.len() as u64) as usize];
@@ -129,20 +140,76 @@ pub fn render_image(
                     .into_raw()
             }
             None => glyphs::render(digit, size as usize, &mut rng),
-        };
-        for ty in 0..size {
-            let row = ((y + ty) * m + x) as usize;
-            for tx in 0..size as usize {
-                let v = tile[ty as usize * size as usize + tx];
-                let p = &mut canvas[row + tx];
-                *p = (*p).max(v);
-            }
-        }
-    }
-    SynthImage {
+        })
+        .collect();
+    Layout {
         label,
         digits,
         boxes,
+        glyphs,
+    }
+}
+
+impl Layout {
+    /// Draw the digits that fall into the window (x0, y0, w, h) of the image shrunk by
+    /// `factor` (1 = full resolution; 2^l for pyramid level l, by box averaging), onto black.
+    pub fn render_window(&self, factor: u32, x0: u32, y0: u32, w: u32, h: u32) -> Vec<u8> {
+        let mut out = vec![0u8; (w * h) as usize];
+        for (glyph, &(bx, by, size)) in self.glyphs.iter().zip(&self.boxes) {
+            let (gx, gy, gs) = (bx / factor, by / factor, size.div_ceil(factor));
+            if gx >= x0 + w || gy >= y0 + h || gx + gs <= x0 || gy + gs <= y0 {
+                continue;
+            }
+            let shrunk = shrink(glyph, size, factor);
+            for ty in gy.max(y0)..(gy + gs).min(y0 + h) {
+                for tx in gx.max(x0)..(gx + gs).min(x0 + w) {
+                    let v = shrunk[((ty - gy) * gs + (tx - gx)) as usize];
+                    let p = &mut out[((ty - y0) * w + (tx - x0)) as usize];
+                    *p = (*p).max(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Box-average a size x size glyph by `factor` (partial blocks at the edge average what exists).
+fn shrink(glyph: &[u8], size: u32, factor: u32) -> Vec<u8> {
+    if factor == 1 {
+        return glyph.to_vec();
+    }
+    let s = size.div_ceil(factor);
+    let mut out = vec![0u8; (s * s) as usize];
+    for y in 0..s {
+        for x in 0..s {
+            let (mut sum, mut n) = (0u32, 0u32);
+            for yy in y * factor..((y + 1) * factor).min(size) {
+                for xx in x * factor..((x + 1) * factor).min(size) {
+                    sum += glyph[(yy * size + xx) as usize] as u32;
+                    n += 1;
+                }
+            }
+            out[(y * s + x) as usize] = (sum / n.max(1)) as u8;
+        }
+    }
+    out
+}
+
+/// Render image `index` of `split` as a PNG.
+pub fn render_image(
+    recipe: &Recipe,
+    split: &str,
+    index: usize,
+    label: u32,
+    mnist: Option<&MnistDigits>,
+) -> SynthImage {
+    let layout = layout_image(recipe, split, index, label, mnist);
+    let m = recipe.size;
+    let canvas = layout.render_window(1, 0, 0, m, m);
+    SynthImage {
+        label,
+        digits: layout.digits,
+        boxes: layout.boxes,
         png: encode_png(m, m, 1, &canvas),
     }
 }

@@ -18,6 +18,9 @@ pub struct GridBatch {
     pub labels: Tensor,
     pub rows: i64,
     pub cols: i64,
+    /// B x K x 1, 1 where a cell's patch is present; `None` when all are. Absent cells (the
+    /// foreground filter dropped them) are never encoded and stay zero in Z.
+    pub mask: Option<Tensor>,
 }
 
 impl GridBatch {
@@ -37,11 +40,21 @@ impl GridBatch {
         let patches = to_input(&bytes, b * k, m, c, device)
             .view([b as i64, k as i64, c as i64, m as i64, m as i64]);
         let labels: Vec<i64> = images.iter().map(|im| im.key.label.unwrap_or(-1)).collect();
+        let mask = (!images.iter().all(|im| im.all_present())).then(|| {
+            let m: Vec<f32> = images
+                .iter()
+                .flat_map(|im| im.present.iter().map(|&p| p as u8 as f32))
+                .collect();
+            Tensor::from_slice(&m)
+                .view([b as i64, k as i64, 1])
+                .to_device(device)
+        });
         Self {
             patches,
             labels: Tensor::from_slice(&labels).to_device(device),
             rows: first.grid_rows as i64,
             cols: first.grid_cols as i64,
+            mask,
         }
     }
 
@@ -50,6 +63,13 @@ impl GridBatch {
     }
     pub fn cells(&self) -> i64 {
         self.rows * self.cols
+    }
+    /// Present patches over the whole batch (what a fill pass encodes).
+    pub fn present_cells(&self) -> i64 {
+        match &self.mask {
+            Some(m) => m.sum(Kind::Float).double_value(&[]) as i64,
+            None => self.batch_size() * self.cells(),
+        }
     }
 }
 
@@ -64,23 +84,38 @@ pub struct StepOutcome {
     pub patch_passes: usize,
 }
 
-/// Encode every patch with no gradient: B x K x D, no autograd graph. `chunk` bounds how many
-/// patches go through the backbone at once. BatchNorm follows `train` (METHOD.md keeps the
-/// backbone in training mode during the fill of a training step).
-pub fn fill(model: &Model, patches: &Tensor, chunk: i64, train: bool) -> Tensor {
-    let size = patches.size();
+/// Encode every present patch with no gradient: B x K x D, no autograd graph; absent cells
+/// (mask 0) are zero and cost nothing. `chunk` bounds how many patches go through the backbone
+/// at once. BatchNorm follows `train` (METHOD.md keeps the backbone in training mode during the
+/// fill of a training step).
+pub fn fill(model: &Model, batch: &GridBatch, chunk: i64, train: bool) -> Tensor {
+    let size = batch.patches.size();
     let (b, k) = (size[0], size[1]);
-    let flat = patches.view([b * k, size[2], size[3], size[4]]);
+    let flat = batch.patches.view([b * k, size[2], size[3], size[4]]);
+    let present = batch
+        .mask
+        .as_ref()
+        .map(|m| m.view([b * k]).nonzero().view([-1]));
+    let input = match &present {
+        Some(idx) => flat.index_select(0, idx),
+        None => flat,
+    };
     tch::no_grad(|| {
+        let n = input.size()[0];
         let mut outs = Vec::new();
         let mut start = 0;
-        while start < b * k {
-            let len = chunk.min(b * k - start);
-            outs.push(model.encode(&flat.narrow(0, start, len), train));
+        while start < n {
+            let len = chunk.min(n - start);
+            outs.push(model.encode(&input.narrow(0, start, len), train));
             start += len;
         }
-        let z = Tensor::cat(&outs, 0);
-        let d = z.size()[1];
+        let d = model.spec.latent_dim;
+        let z = match (&present, outs.is_empty()) {
+            (None, _) => Tensor::cat(&outs, 0),
+            (Some(_), true) => Tensor::zeros([b * k, d], (Kind::Float, batch.patches.device())),
+            (Some(idx), false) => Tensor::zeros([b * k, d], (Kind::Float, batch.patches.device()))
+                .index_copy(0, idx, &Tensor::cat(&outs, 0)),
+        };
         z.view([b, k, d])
     })
 }
@@ -111,7 +146,12 @@ pub fn inner_forward(
         .view([b * n, size[2], size[3], size[4]]);
     let fresh = model.encode(&chosen, true);
     let d = fresh.size()[1];
-    let z_new = z.detach().index_copy(1, &idx, &fresh.view([b, n, d]));
+    let mut fresh = fresh.view([b, n, d]);
+    if let Some(mask) = &batch.mask {
+        // Absent cells stay zero (their encoding of a blank patch is discarded).
+        fresh = fresh * mask.index_select(1, &idx);
+    }
+    let z_new = z.detach().index_copy(1, &idx, &fresh);
     let logits = model.classify_grid(&grid_view(&z_new, batch.rows, batch.cols), true);
     (z_new, logits)
 }
@@ -126,8 +166,8 @@ pub fn outer_step(
     fill_chunk: i64,
 ) -> StepOutcome {
     let b = batch.batch_size();
-    let mut z = fill(model, &batch.patches, fill_chunk, true);
-    let mut patch_passes = (b * batch.cells()) as usize;
+    let mut z = fill(model, batch, fill_chunk, true);
+    let mut patch_passes = batch.present_cells() as usize;
     opt.zero_grad();
     let mut loss_sum = 0.0;
     let mut steps = 0;
@@ -156,7 +196,7 @@ pub fn outer_step(
 
 /// Inference: fill Z with every patch (eval mode, no gradient), one head pass.
 pub fn predict(model: &Model, batch: &GridBatch, fill_chunk: i64) -> Tensor {
-    let z = fill(model, &batch.patches, fill_chunk, false);
+    let z = fill(model, batch, fill_chunk, false);
     tch::no_grad(|| model.classify_grid(&grid_view(&z, batch.rows, batch.cols), false))
 }
 

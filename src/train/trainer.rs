@@ -173,7 +173,7 @@ impl Trainer {
         (
             loss * images.len() as f64,
             predictions,
-            (batch.batch_size() * batch.cells()) as usize,
+            batch.present_cells() as usize,
         )
     }
 
@@ -216,7 +216,10 @@ impl Trainer {
         };
         while let Some(item) = rx.blocking_recv() {
             match item {
-                SourceItem::Failed(f) => out.failures.push(f),
+                SourceItem::Failed(f) => {
+                    assembler.discard(&f.image_id);
+                    out.failures.push(f)
+                }
                 SourceItem::Batch(b) => match assembler.push(&b.batch) {
                     Ok(done) => {
                         for image in done {

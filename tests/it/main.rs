@@ -3,6 +3,8 @@
 mod common;
 mod patchgd_step;
 mod pipeline_files;
+mod s3;
 mod source;
 mod synth;
+mod tiff;
 mod training;

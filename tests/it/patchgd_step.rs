@@ -1,7 +1,7 @@
 //! The PatchGD step itself: Z layout, where gradients flow, and when the optimizer steps.
 
 use patchgd::model::{BackboneKind, Method, Model, ModelSpec};
-use patchgd::patch::batch::{ImageKey, Raster, band_batch};
+use patchgd::patch::batch::{Foreground, ImageKey, Raster, band_batch};
 use patchgd::patch::{Grid, ImageAssembler, ImagePatches};
 use patchgd::rng::Rng;
 use patchgd::train::optim::Adam;
@@ -42,16 +42,11 @@ fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
         label: Some(label),
         split: "train".into(),
     };
-    let raster = Raster {
-        pixels: &px,
-        width: w,
-        height: h,
-        channels: 1,
-    };
+    let raster = Raster::whole(&px, w, h, 1);
     let mut asm = ImageAssembler::default();
     let mut done = Vec::new();
     for row in (0..grid.rows).rev() {
-        done.extend(asm.push(&band_batch(&key, &grid, row, &raster)).unwrap());
+        done.extend(asm.push(&band_batch(&key, &grid, row, &raster, 0, &Foreground::default())).unwrap());
     }
     done.pop().unwrap()
 }
@@ -62,7 +57,7 @@ fn z_cell_r_c_holds_patch_r_c() {
     let img = image(2, 3, 0, 1);
     let batch = GridBatch::from_images(&[img], Device::Cpu);
     // eval mode: each patch's vector does not depend on the others in its chunk.
-    let z = grid_view(&fill(&m, &batch.patches, 4, false), 2, 3);
+    let z = grid_view(&fill(&m, &batch, 4, false), 2, 3);
     assert_eq!(z.size(), vec![1, 8, 2, 3]);
     for r in 0..2 {
         for c in 0..3 {
@@ -88,7 +83,7 @@ fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_car
     let batch = GridBatch::from_images(&[image(3, 3, 1, 2), image(3, 3, 2, 3)], Device::Cpu);
     let patches = batch.patches.detach().set_requires_grad(true);
     let batch = GridBatch { patches, ..batch };
-    let z = fill(&m, &batch.patches, 5, true);
+    let z = fill(&m, &batch, 5, true);
     assert!(!z.requires_grad(), "the fill pass must build no graph");
     let sampled = [0i64, 4, 8];
     let (_, logits) = inner_forward(&m, &batch, &z, &sampled);
@@ -209,4 +204,37 @@ fn the_head_takes_any_grid_size_and_class_count() {
             "{rows} x {cols}"
         );
     }
+}
+
+#[test]
+fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
+    let mut a = image(2, 3, 0, 8);
+    let b = image(2, 3, 1, 9);
+    a.present[1] = false;
+    a.present[4] = false;
+    let batch = GridBatch::from_images(&[a, b], Device::Cpu);
+    assert_eq!(batch.present_cells(), 10);
+    let m = model(2);
+    let z = fill(&m, &batch, 3, false);
+    let norms = z.abs().sum_dim_intlist(-1, false, Kind::Float);
+    for cell in 0..6 {
+        let zero = norms.double_value(&[0, cell]) == 0.0;
+        assert_eq!(zero, cell == 1 || cell == 4, "image 0 cell {cell}");
+        assert!(norms.double_value(&[1, cell]) > 0.0, "image 1 cell {cell}");
+    }
+    // The full-batch fill agrees with the masked one on present cells.
+    let unmasked = GridBatch {
+        mask: None,
+        patches: batch.patches.shallow_clone(),
+        labels: batch.labels.shallow_clone(),
+        ..batch
+    };
+    let all = fill(&m, &unmasked, 3, false);
+    assert!(all.get(1).allclose(&z.get(1), 1e-5, 1e-6, false));
+    // An inner iteration that samples absent cells leaves them zero.
+    let (z_new, _) = inner_forward(&m, &batch, &z, &[1, 2, 4]);
+    let norms = z_new.abs().sum_dim_intlist(-1, false, Kind::Float);
+    assert_eq!(norms.double_value(&[0, 1]), 0.0);
+    assert_eq!(norms.double_value(&[0, 4]), 0.0);
+    assert!(norms.double_value(&[0, 2]) > 0.0);
 }

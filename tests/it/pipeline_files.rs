@@ -150,7 +150,7 @@ fn corrupt_and_unlabelled_images_are_reported_counted_and_skipped() {
         .collect();
     assert!(
         rows.iter()
-            .any(|(id, m)| id == "train/0003" && m.contains("not a PNG or JPEG")),
+            .any(|(id, m)| id == "train/0003" && m.contains("not an image")),
         "{rows:?}"
     );
     assert!(
@@ -205,7 +205,7 @@ fn json_schema_lists_exactly_the_keys_the_parser_accepts() {
     };
     assert_eq!(allowed_keys(""), keys(&schema), "top level");
     for section in [
-        "source", "patch", "model", "patchgd", "gd", "train", "synth",
+        "source", "patch", "model", "patchgd", "gd", "train", "synth", "storage",
     ] {
         assert_eq!(
             allowed_keys(section),
@@ -213,4 +213,18 @@ fn json_schema_lists_exactly_the_keys_the_parser_accepts() {
             "section {section}"
         );
     }
+}
+
+#[test]
+fn every_example_pipeline_parses() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            Definition::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "{n} pipelines");
 }

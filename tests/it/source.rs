@@ -14,12 +14,8 @@ use crate::common::{memory_url, square_dataset};
 
 fn config(buffer_bytes: usize) -> StreamConfig {
     StreamConfig {
-        patch: 16,
-        stride: 16,
-        channels: 1,
-        resize_to: None,
-        decode_workers: 2,
         buffer_bytes,
+        ..StreamConfig::new(16, 1)
     }
 }
 
@@ -33,7 +29,7 @@ async fn patches_stream_as_a_datafusion_record_batch_stream_and_failures_are_col
         .await
         .unwrap();
     let loc = Location::parse(&images).unwrap();
-    let catalog = Catalog::load(&loc, &labels).await.unwrap();
+    let catalog = Catalog::load(&loc, &labels, &Default::default()).await.unwrap();
     let entries = [catalog.split(Split::Train), catalog.split(Split::Val)].concat();
     let failures = Arc::new(Mutex::new(Vec::new()));
     let stream = into_record_batch_stream(
@@ -60,7 +56,7 @@ async fn the_buffer_is_bounded_in_bytes() {
     let root = memory_url("source-bound");
     let (images, labels) = square_dataset(&root, 64, 8, 12, 0, 2).await;
     let loc = Location::parse(&images).unwrap();
-    let entries = Catalog::load(&loc, &labels)
+    let entries = Catalog::load(&loc, &labels, &Default::default())
         .await
         .unwrap()
         .split(Split::Train);

@@ -2,7 +2,7 @@
 
 use patchgd::storage::Location;
 use patchgd::synth::mnist::MnistDigits;
-use patchgd::synth::{Recipe, render_image, write_ultramnist};
+use patchgd::synth::{ImageFormat, Recipe, render_image, write_ultramnist};
 
 async fn all_objects(url: &str) -> Vec<(String, bytes::Bytes)> {
     let loc = Location::parse(url).unwrap();
@@ -26,6 +26,7 @@ fn same_seed_gives_the_same_bytes_and_another_seed_does_not() {
             6,
             3,
             None,
+            ImageFormat::Png,
         ))
         .unwrap();
         rt.block_on(all_objects(url))

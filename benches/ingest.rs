@@ -1,0 +1,251 @@
+//! Ingest: how fast the source stage turns objects into patch batches, against what the cores
+//! could decode, and how much memory patching large tiled TIFFs takes.
+//!
+//! 1. Throughput, in decoded MB/s and patches/s, for PNG, JPEG and tiled TIFF (JPEG tiles), from
+//!    file:// and from a local S3 server (moto, when `scripts/test` has installed it). The data
+//!    is the real H&E region `../shared/data/CMU-1-Small-Region.svs` (2220 x 2967 RGB) written in
+//!    each format. The ratio divides by (cores x the single-core decode rate of the same files).
+//! 2. Peak RSS of `patchgd inspect --scan` (a separate process per size) patching generated tiled
+//!    TIFFs of 8k, 16k and 32k px with the same settings.
+//!
+//! `scripts/bench` runs it in full; under `cargo test` (no `--bench`) it runs small sizes as a
+//! smoke test.
+
+use std::process::Command;
+use std::time::Instant;
+
+use bytes::Bytes;
+use patchgd::patch::Foreground;
+use patchgd::source::decode::decode;
+use patchgd::source::tiff::chunk::{assemble_band, fetch_band};
+use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
+use patchgd::source::tiff::{TiffFile, read_rows};
+use patchgd::source::{ImageEntry, SourceItem, Split, StreamConfig, stream_images};
+use patchgd::storage::{Location, StoreOptions};
+use patchgd::testkit::S3Server;
+
+const PATCH: usize = 256;
+
+/// The SVS region as RGB pixels.
+async fn reference_pixels() -> (Vec<u8>, u32, u32) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/CMU-1-Small-Region.svs")
+        .canonicalize()
+        .expect("../shared/data/CMU-1-Small-Region.svs beside the checkout");
+    let (loc, p) =
+        Location::parse_object(path.to_str().unwrap(), &StoreOptions::default()).unwrap();
+    let size = loc.head(&p).await.unwrap().size;
+    let head = loc.get_range(&p, 0..size.min(65536)).await.unwrap();
+    let file = TiffFile::open(&loc, &p, size, head).await.unwrap();
+    let d = &file.directories[0];
+    let (w, h) = (d.width, d.height);
+    (read_rows(&loc, &file, 0, 0, h as usize, 3).await.unwrap(), w, h)
+}
+
+/// Write `copies` of the image in `format` under `loc/format/`.
+async fn write_copies(loc: &Location, format: &str, px: &[u8], w: u32, h: u32, copies: usize) {
+    let bytes: Bytes = match format {
+        "png" => patchgd::source::decode::encode_png(w, h, 3, px).into(),
+        "jpeg" => {
+            let mut out = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+                .encode(px, w, h, image::ExtendedColorType::Rgb8)
+                .unwrap();
+            out.into()
+        }
+        _ => Bytes::new(),
+    };
+    for i in 0..copies {
+        let name = format!("{format}/{i:03}.{format}");
+        if format == "tiff" {
+            let spec = PyramidSpec {
+                levels: vec![(w, h)],
+                tile: 256,
+                channels: 3,
+                compression: TileCompression::Jpeg { quality: 90 },
+                bigtiff: false,
+                description: String::new(),
+            };
+            write_pyramid(loc, &name, &spec, |_, tx, ty| tile_of(px, w, h, tx, ty))
+                .await
+                .unwrap();
+        } else {
+            loc.put(&name, bytes.clone()).await.unwrap();
+        }
+    }
+}
+
+fn tile_of(px: &[u8], w: u32, h: u32, tx: u32, ty: u32) -> Vec<u8> {
+    let mut t = vec![0u8; 256 * 256 * 3];
+    for y in 0..256 {
+        let sy = ty * 256 + y;
+        if sy >= h {
+            break;
+        }
+        let x0 = tx * 256;
+        let n = 256.min(w - x0) as usize * 3;
+        let src = ((sy * w + x0) * 3) as usize;
+        t[(y * 256 * 3) as usize..(y * 256 * 3) as usize + n].copy_from_slice(&px[src..src + n]);
+    }
+    t
+}
+
+async fn entries(loc: &Location, format: &str) -> Vec<ImageEntry> {
+    let dir = loc.path(format);
+    loc.list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.location.prefix_match(&dir).is_some())
+        .map(|m| ImageEntry {
+            image_id: m.location.to_string(),
+            url: loc.url_of(&m.location),
+            size: m.size,
+            path: m.location,
+            label: 0,
+            split: Split::Train,
+        })
+        .collect()
+}
+
+/// Decode every file on this thread alone: seconds.
+async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry]) -> f64 {
+    let start = Instant::now();
+    for e in list {
+        if format == "tiff" {
+            let head = loc.get_range(&e.path, 0..e.size.min(65536)).await.unwrap();
+            let file = TiffFile::open(loc, &e.path, e.size, head).await.unwrap();
+            let d = file.directories[0].clone();
+            let mut y = 0;
+            while y < d.height as usize {
+                let chunks = fetch_band(loc, &file, 0, y, PATCH).await.unwrap();
+                let rows = PATCH.min(d.height as usize - y);
+                std::hint::black_box(assemble_band(&d, 0, &chunks, y, rows, 3).unwrap());
+                y += PATCH;
+            }
+        } else {
+            let bytes = loc.get(&e.path).await.unwrap();
+            std::hint::black_box(decode(&bytes, 3, None).unwrap());
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Stream every patch with `workers` parallel decodes: (seconds, patches).
+async fn pipeline_seconds(loc: &Location, list: Vec<ImageEntry>, workers: usize) -> (f64, usize) {
+    let mut config = StreamConfig::new(PATCH, 3);
+    config.decode_workers = workers;
+    config.buffer_bytes = 128 << 20;
+    config.foreground = Foreground::default();
+    let start = Instant::now();
+    let mut rx = stream_images(loc.clone(), list, config);
+    let mut patches = 0;
+    while let Some(item) = rx.recv().await {
+        match item {
+            SourceItem::Batch(b) => patches += b.batch.num_rows(),
+            SourceItem::Failed(f) => panic!("{f:?}"),
+        }
+    }
+    (start.elapsed().as_secs_f64(), patches)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (copies, repeats) = if full { (8, 3) } else { (1, 1) };
+    let (px, w, h) = reference_pixels().await;
+    let image_mb = (w * h * 3) as f64 / 1e6;
+    let dir = tempfile::tempdir().unwrap();
+    let local = Location::parse(dir.path().to_str().unwrap()).unwrap();
+    let server = S3Server::binary().exists().then(S3Server::start);
+    let s3 = server.as_ref().map(|s| {
+        s.create_bucket("ingest");
+        Location::parse_with("s3://ingest/bench", &s.options()).unwrap()
+    });
+    println!(
+        "Ingest: {copies} copies of a {w} x {h} RGB H&E region per format, patches of {PATCH} px, {cores} cores, median of {repeats}"
+    );
+    println!(
+        "{:<6} {:<7} {:>12} {:>12} {:>10} {:>16} {:>7}",
+        "format", "store", "1-core MB/s", "pipe MB/s", "patches/s", "cores x 1-core", "ratio"
+    );
+    for format in ["png", "jpeg", "tiff"] {
+        write_copies(&local, format, &px, w, h, copies).await;
+        let list = entries(&local, format).await;
+        let mut singles = Vec::new();
+        for _ in 0..repeats {
+            singles.push(single_core_seconds(&local, format, &list).await);
+        }
+        let single_rate = image_mb * list.len() as f64 / median(singles);
+        let mut stores = vec![("file", local.clone())];
+        if let Some(s3) = &s3 {
+            write_copies(s3, format, &px, w, h, copies).await;
+            stores.push(("s3", s3.clone()));
+        }
+        for (name, loc) in stores {
+            let list = entries(&loc, format).await;
+            let mut runs = Vec::new();
+            let mut patches = 0;
+            for _ in 0..repeats {
+                let (s, p) = pipeline_seconds(&loc, list.clone(), cores * 2).await;
+                runs.push(s);
+                patches = p;
+            }
+            let secs = median(runs);
+            let rate = image_mb * list.len() as f64 / secs;
+            println!(
+                "{:<6} {:<7} {:>12.1} {:>12.1} {:>10.0} {:>16.1} {:>7.2}",
+                format,
+                name,
+                single_rate,
+                rate,
+                patches as f64 / secs,
+                cores as f64 * single_rate,
+                rate / (cores as f64 * single_rate)
+            );
+        }
+    }
+    if server.is_none() {
+        println!("(no S3 rows: {} is missing; scripts/test installs it)", S3Server::binary().display());
+    }
+
+    // Peak RSS while patching big tiled TIFFs, one process per size.
+    let sizes: &[u32] = if full { &[8192, 16384, 32768] } else { &[1024, 2048] };
+    println!("\nPeak RSS of `patchgd inspect --scan` (patches {PATCH} px, RGB, 2 workers, 128 MiB buffer):");
+    println!("{:>8} {:>10} {:>10} {:>14}", "size", "patches", "seconds", "peak RSS MiB");
+    let bin = env!("CARGO_BIN_EXE_patchgd");
+    for &size in sizes {
+        let out = dir.path().join(format!("tiff{size}"));
+        let status = Command::new(bin)
+            .args(["synth", "ultramnist", "--format", "tiff", "--tile", "256", "--classes", "10", "--train", "1", "--val", "0"])
+            .args(["--size", &size.to_string(), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let file = out.join("images/train/000000.tif");
+        let scan = Command::new(bin)
+            .args(["inspect", file.to_str().unwrap(), "--scan", "--patch", "256", "--channels", "3", "--foreground", "dark:32"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&scan.stdout);
+        assert!(scan.status.success(), "{text}{}", String::from_utf8_lossy(&scan.stderr));
+        let line = text.lines().find(|l| l.starts_with("scan:")).expect("a scan line");
+        let field = |after: &str, before: &str| -> String {
+            let s = &line[line.find(after).unwrap() + after.len()..];
+            s[..s.find(before).unwrap()].trim().to_string()
+        };
+        println!(
+            "{:>8} {:>10} {:>10} {:>14}",
+            size,
+            field("failed), ", " patches"),
+            field("pixels in ", " s"),
+            field("peak RSS ", " MiB")
+        );
+    }
+}
