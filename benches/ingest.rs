@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use patchgd::patch::Foreground;
 use patchgd::source::decode::decode;
-use patchgd::source::tiff::chunk::{assemble_band, fetch_band};
+use patchgd::source::tiff::chunk::{Region, assemble_region, fetch_region};
 use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
 use patchgd::source::tiff::{TiffFile, read_rows};
 use patchgd::source::{ImageEntry, SourceItem, Split, StreamConfig, stream_images};
@@ -118,9 +118,14 @@ async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry]) 
             let d = file.directories[0].clone();
             let mut y = 0;
             while y < d.height as usize {
-                let chunks = fetch_band(loc, &file, 0, y, PATCH).await.unwrap();
-                let rows = PATCH.min(d.height as usize - y);
-                std::hint::black_box(assemble_band(&d, 0, &chunks, y, rows, 3).unwrap());
+                let region = Region {
+                    x: 0,
+                    y,
+                    width: d.width as usize,
+                    height: PATCH.min(d.height as usize - y),
+                };
+                let chunks = fetch_region(loc, &file, 0, region).await.unwrap();
+                std::hint::black_box(assemble_region(&d, 0, &chunks, region, 3).unwrap());
                 y += PATCH;
             }
         } else {
@@ -218,7 +223,10 @@ async fn main() {
     // Peak RSS while patching big tiled TIFFs, one process per size.
     let sizes: &[u32] = if full { &[8192, 16384, 32768] } else { &[1024, 2048] };
     println!("\nPeak RSS of `patchgd inspect --scan` (patches {PATCH} px, RGB, 2 workers, 128 MiB buffer):");
-    println!("{:>8} {:>10} {:>10} {:>14}", "size", "patches", "seconds", "peak RSS MiB");
+    println!(
+        "{:>8} {:>10} {:>10} {:>18} {:>14} {:>10}",
+        "size", "patches", "seconds", "RSS before MiB", "peak RSS MiB", "growth"
+    );
     let bin = env!("CARGO_BIN_EXE_patchgd");
     for &size in sizes {
         let out = dir.path().join(format!("tiff{size}"));
@@ -240,12 +248,16 @@ async fn main() {
             let s = &line[line.find(after).unwrap() + after.len()..];
             s[..s.find(before).unwrap()].trim().to_string()
         };
+        let before: f64 = field("RSS before scan ", " MiB").parse().unwrap();
+        let peak: f64 = field("peak RSS ", " MiB").parse().unwrap();
         println!(
-            "{:>8} {:>10} {:>10} {:>14}",
+            "{:>8} {:>10} {:>10} {:>18.0} {:>14.0} {:>10.0}",
             size,
             field("failed), ", " patches"),
             field("pixels in ", " s"),
-            field("peak RSS ", " MiB")
+            before,
+            peak,
+            peak - before
         );
     }
 }

@@ -12,7 +12,7 @@ use patchgd::source::inspect::{inspect as inspect_object, scan};
 use patchgd::source::tiff::write::TileCompression;
 use patchgd::storage::{Location, StorageError, StoreOptions};
 use patchgd::synth::{ImageFormat, Recipe, mnist::MnistDigits, write_ultramnist};
-use patchgd::train::metrics::peak_rss_bytes;
+use patchgd::train::metrics::{peak_rss_bytes, rss_bytes};
 
 #[derive(Parser)]
 #[command(
@@ -163,6 +163,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             min_fraction: args.min_foreground,
         };
         let scan_loc = if single { targets[0].0.clone() } else { loc.clone() };
+        let rss_before = rss_bytes();
         let report = if single {
             rt.block_on(scan_one(&scan_loc, &targets[0].1, config))
         } else {
@@ -171,7 +172,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
         let mib = report.pixel_bytes as f64 / (1 << 20) as f64;
         println!(
-            "scan: {} images ({} failed), {} patches, {} kept (fg >= {}), mean fg fraction {:.3}; {:.1} MiB of patch pixels in {:.2} s = {:.1} MiB/s, {:.0} patches/s; peak RSS {:.0} MiB",
+            "scan: {} images ({} failed), {} patches, {} kept (fg >= {}), mean fg fraction {:.3}; {:.1} MiB of patch pixels in {:.2} s = {:.1} MiB/s, {:.0} patches/s; RSS before scan {:.0} MiB, peak RSS {:.0} MiB",
             report.images,
             report.failures.len(),
             report.patches,
@@ -182,6 +183,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             report.seconds,
             mib / report.seconds,
             report.patches as f64 / report.seconds,
+            rss_before as f64 / (1 << 20) as f64,
             peak_rss_bytes() as f64 / (1 << 20) as f64
         );
         for f in &report.failures {

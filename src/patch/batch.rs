@@ -47,13 +47,16 @@ pub struct ImageKey {
     pub split: String,
 }
 
-/// Decoded pixels: interleaved (HWC) u8, rows `top..top + rows` of an image `image_height`
-/// tall (a whole image has `top` 0 and `rows` = `image_height`; a TIFF band holds fewer).
+/// Decoded pixels: interleaved (HWC) u8, the window of columns `left..left + width` and rows
+/// `top..top + rows` of an image `image_width` x `image_height` (a whole PNG is one window at
+/// (0, 0); a TIFF segment is a few patches of one grid row).
 pub struct Raster<'a> {
     pub pixels: &'a [u8],
+    pub left: usize,
+    pub top: usize,
     pub width: usize,
     pub rows: usize,
-    pub top: usize,
+    pub image_width: usize,
     pub image_height: usize,
     pub channels: usize,
 }
@@ -62,9 +65,11 @@ impl<'a> Raster<'a> {
     pub fn whole(pixels: &'a [u8], width: usize, height: usize, channels: usize) -> Self {
         Self {
             pixels,
+            left: 0,
+            top: 0,
             width,
             rows: height,
-            top: 0,
+            image_width: width,
             image_height: height,
             channels,
         }
@@ -95,6 +100,8 @@ impl Default for Foreground {
 
 /// Mean and standard deviation of every sample, and the foreground fraction of the pixels, over
 /// the part of the patch inside the image (`valid_w` x `valid_h`; zero padding is not counted).
+/// A pixel's grey level is the integer mean of its channels; the comparison is done on the
+/// channel sum (no division per pixel: this runs over every decoded pixel).
 pub fn patch_stats(
     patch: &[u8],
     m: usize,
@@ -103,24 +110,51 @@ pub fn patch_stats(
     valid_h: usize,
     fg: &Foreground,
 ) -> (f32, f32, f32) {
+    let ch = channels as u32;
+    let t = fg.threshold as u32;
+    // light: floor(sum / ch) < t  <=>  sum < t * ch
+    // dark:  floor(sum / ch) > t  <=>  sum >= (t + 1) * ch
+    let (light, limit) = if fg.light_background {
+        (true, t * ch)
+    } else {
+        (false, (t + 1) * ch)
+    };
     let (mut sum, mut sq, mut fg_pixels) = (0u64, 0u64, 0u64);
     for y in 0..valid_h {
         let row = &patch[y * m * channels..(y * m + valid_w) * channels];
-        for px in row.chunks_exact(channels) {
-            let mut grey = 0u32;
-            for &v in px {
-                sum += v as u64;
-                sq += (v as u64) * (v as u64);
-                grey += v as u32;
-            }
-            let grey = grey / channels as u32;
-            let is_fg = if fg.light_background {
-                grey < fg.threshold as u32
-            } else {
-                grey > fg.threshold as u32
-            };
-            fg_pixels += is_fg as u64;
+        // Per-row u32 sums cannot overflow: 255^2 x 66,000 samples < 2^32.
+        debug_assert!(row.len() <= 66_000);
+        // Wrapping arithmetic: no overflow-check branches in the dev profile, so it vectorises.
+        let (mut s, mut q) = (0u32, 0u32);
+        for &v in row {
+            let v = v as u32;
+            s = s.wrapping_add(v);
+            q = q.wrapping_add(v.wrapping_mul(v));
         }
+        sum += s as u64;
+        sq += q as u64;
+        let mut count = 0u32;
+        let hit = |s: u32| (if light { s < limit } else { s >= limit }) as u32;
+        match channels {
+            1 => {
+                for &v in row {
+                    count = count.wrapping_add(hit(v as u32));
+                }
+            }
+            3 => {
+                for px in row.chunks_exact(3) {
+                    let s = (px[0] as u32).wrapping_add(px[1] as u32).wrapping_add(px[2] as u32);
+                    count = count.wrapping_add(hit(s));
+                }
+            }
+            _ => {
+                for px in row.chunks_exact(channels) {
+                    let s = px.iter().fold(0u32, |a, &v| a.wrapping_add(v as u32));
+                    count = count.wrapping_add(hit(s));
+                }
+            }
+        }
+        fg_pixels += count as u64;
     }
     let pixels = (valid_w * valid_h) as f64;
     if pixels == 0.0 {
@@ -142,28 +176,53 @@ pub fn band_batch(
     level: u32,
     fg: &Foreground,
 ) -> RecordBatch {
-    let n = grid.cols;
+    segment_batch(key, grid, row, 0..grid.cols, image, level, fg)
+}
+
+/// The batch of patches (row, cols) — a segment of one grid row — from a raster that covers them.
+pub fn segment_batch(
+    key: &ImageKey,
+    grid: &Grid,
+    row: usize,
+    cols: std::ops::Range<usize>,
+    image: &Raster,
+    level: u32,
+    fg: &Foreground,
+) -> RecordBatch {
+    let first = cols.start;
+    let n = cols.len();
     let m = grid.patch;
     let patch_bytes = m * m * image.channels;
-    let mut patch = Vec::with_capacity(patch_bytes);
-    let mut pixels = arrow::array::BinaryBuilder::with_capacity(n, n * patch_bytes);
+    // Patches are cut straight into the Arrow value buffer (no copy per patch); a filtered
+    // patch's bytes are truncated away again and its row is null.
+    let mut values: Vec<u8> = Vec::with_capacity(n * patch_bytes);
+    let mut offsets: Vec<i32> = Vec::with_capacity(n + 1);
+    let mut valid = Vec::with_capacity(n);
+    offsets.push(0);
     let (mut means, mut stds, mut fgs) = (Vec::new(), Vec::new(), Vec::new());
-    for col in 0..n {
-        patch.clear();
-        copy_patch(image, grid, row, col, &mut patch);
+    for col in cols {
+        let start = values.len();
+        copy_patch(image, grid, row, col, &mut values);
         let (x0, y0) = grid.origin(row, col);
-        let valid_w = image.width.saturating_sub(x0).min(m);
+        let valid_w = image.image_width.saturating_sub(x0).min(m);
         let valid_h = image.image_height.saturating_sub(y0).min(m);
-        let (mean, std, f) = patch_stats(&patch, m, image.channels, valid_w, valid_h, fg);
+        let (mean, std, f) =
+            patch_stats(&values[start..], m, image.channels, valid_w, valid_h, fg);
         means.push(mean);
         stds.push(std);
         fgs.push(f);
-        if f >= fg.min_fraction {
-            pixels.append_value(&patch);
-        } else {
-            pixels.append_null();
+        let keep = f >= fg.min_fraction;
+        if !keep {
+            values.truncate(start);
         }
+        valid.push(keep);
+        offsets.push(i32::try_from(values.len()).expect("a patch batch holds under 2 GiB"));
     }
+    let pixels = BinaryArray::new(
+        arrow::buffer::OffsetBuffer::new(offsets.into()),
+        values.into(),
+        (!valid.iter().all(|&v| v)).then(|| arrow::buffer::NullBuffer::from(valid)),
+    );
     let u32s = |f: &dyn Fn(usize) -> usize| {
         Arc::new(UInt32Array::from_iter_values((0..n).map(|c| f(c) as u32)))
     };
@@ -177,9 +236,9 @@ pub fn band_batch(
             &key.split, n,
         ))),
         u32s(&|_| row),
-        u32s(&|c| c),
-        u32s(&|c| grid.origin(row, c).0),
-        u32s(&|c| grid.origin(row, c).1),
+        u32s(&|c| first + c),
+        u32s(&|c| grid.origin(row, first + c).0),
+        u32s(&|c| grid.origin(row, first + c).1),
         u32s(&|_| level as usize),
         u32s(&|_| grid.rows),
         u32s(&|_| grid.cols),
@@ -188,7 +247,7 @@ pub fn band_batch(
         Arc::new(Float32Array::from(means)),
         Arc::new(Float32Array::from(stds)),
         Arc::new(Float32Array::from(fgs)),
-        Arc::new(pixels.finish()),
+        Arc::new(pixels),
     ];
     RecordBatch::try_new(patch_schema(), columns).expect("band batch matches the patch schema")
 }

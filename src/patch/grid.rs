@@ -58,13 +58,15 @@ impl Grid {
     }
 }
 
-/// Copy patch (row, col) of `image` into `out`, zero-padding outside the image.
+/// Copy patch (row, col) of `image` into `out`, zero-padding outside the image. The raster's
+/// window must cover the patch's part of the image.
 pub fn copy_patch(image: &Raster, grid: &Grid, row: usize, col: usize, out: &mut Vec<u8>) {
-    let (m, ch, width) = (grid.patch, image.channels, image.width);
+    let (m, ch) = (grid.patch, image.channels);
     let (x0, y0) = grid.origin(row, col);
     let start = out.len();
     out.resize(start + m * m * ch, 0);
-    let inside_w = width.saturating_sub(x0).min(m);
+    let inside_w = image.image_width.saturating_sub(x0).min(m);
+    debug_assert!(x0 >= image.left && x0 + inside_w <= image.left + image.width);
     for dy in 0..m {
         let y = y0 + dy;
         if y < image.top {
@@ -73,7 +75,7 @@ pub fn copy_patch(image: &Raster, grid: &Grid, row: usize, col: usize, out: &mut
         if y >= image.image_height || y >= image.top + image.rows {
             break;
         }
-        let src = ((y - image.top) * width + x0) * ch;
+        let src = ((y - image.top) * image.width + x0 - image.left) * ch;
         let dst = start + dy * m * ch;
         out[dst..dst + inside_w * ch].copy_from_slice(&image.pixels[src..src + inside_w * ch]);
     }

@@ -391,6 +391,7 @@ impl Definition {
             level: self.source.level,
             target_mpp: self.source.target_mpp,
             foreground: self.patch.foreground.to_foreground(),
+            segment_px: crate::source::stream::SEGMENT_PX,
         }
     }
 

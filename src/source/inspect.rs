@@ -60,7 +60,8 @@ impl ImageInfo {
                 .tile
                 .map_or("strips/whole".to_string(), |(w, h)| format!("tiles {w}x{h}"));
             let grid = l.grid.map_or("smaller than a patch".to_string(), |(r, c)| {
-                format!("{} patches ({r} x {c})", r * c)
+                let n = r * c;
+                format!("{n} patch{} ({r} x {c})", if n == 1 { "" } else { "es" })
             });
             let _ = writeln!(
                 s,

@@ -14,9 +14,10 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::decode::decode;
+use super::tiff::chunk::Region;
 use super::tiff::{self, TiffError, TiffFile};
 use super::{Failure, ImageEntry};
-use crate::patch::batch::{Foreground, ImageKey, Raster, band_batch};
+use crate::patch::batch::{Foreground, ImageKey, Raster, band_batch, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::storage::Location;
 
@@ -38,6 +39,8 @@ pub struct StreamConfig {
     pub target_mpp: Option<f64>,
     /// Patch statistics and the foreground filter.
     pub foreground: Foreground,
+    /// TIFF work is cut into segments of a grid row this many pixels wide ([`SEGMENT_PX`]).
+    pub segment_px: usize,
 }
 
 impl StreamConfig {
@@ -52,6 +55,7 @@ impl StreamConfig {
             level: 0,
             target_mpp: None,
             foreground: Foreground::default(),
+            segment_px: SEGMENT_PX,
         }
     }
 }
@@ -68,6 +72,8 @@ pub enum SourceItem {
 }
 
 const PERMIT_BYTES: usize = 1024;
+/// Width of one unit of TIFF work: the patches of a grid row are cut in segments this wide.
+pub const SEGMENT_PX: usize = 4096;
 /// The first request for every object: enough for a PNG/JPEG thumbnail or a TIFF's directories.
 pub const HEAD_BYTES: u64 = 64 << 10;
 
@@ -135,14 +141,11 @@ fn band_stream(
     config: Arc<StreamConfig>,
 ) -> BoxStream<'static, BandResult> {
     let workers = config.decode_workers.max(1);
-    let opened: BoxStream<'static, Vec<BandFuture>> = futures::stream::iter(entries)
+    let opened: BoxStream<'static, Bands> = futures::stream::iter(entries)
         .map(move |entry| open_image(images.clone(), entry, config.clone()))
         .buffered(workers)
         .boxed();
-    opened
-        .flat_map(|bands: Vec<BandFuture>| futures::stream::iter(bands))
-        .buffered(workers)
-        .boxed()
+    opened.flatten().buffered(workers).boxed()
 }
 
 fn image_id_of(batch: &RecordBatch) -> &str {
@@ -163,8 +166,17 @@ fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
     }
 }
 
-fn failed(f: Failure) -> Vec<BandFuture> {
-    vec![futures::future::ready(Err(f)).boxed()]
+/// One image's band futures, made lazily.
+type Bands = BoxStream<'static, BandFuture>;
+
+fn failed(f: Failure) -> Bands {
+    ready_bands(vec![Err(f)])
+}
+
+fn ready_bands(results: Vec<BandResult>) -> Bands {
+    futures::stream::iter(results)
+        .map(|r| futures::future::ready(r).boxed())
+        .boxed()
 }
 
 /// Run `work` on the blocking pool; a panic becomes the image's failure.
@@ -182,7 +194,7 @@ async fn open_image(
     images: Location,
     entry: ImageEntry,
     config: Arc<StreamConfig>,
-) -> Vec<BandFuture> {
+) -> Bands {
     if entry.size == 0 {
         return failed(failure(&entry, "decode", "empty object (0 bytes)".into()));
     }
@@ -224,10 +236,7 @@ async fn open_image(
     };
     let e = entry.clone();
     match blocking(&entry, move || cut_whole(&e, &bytes, &config)).await {
-        Ok(bands) => bands
-            .into_iter()
-            .map(|b| futures::future::ready(Ok(b)).boxed())
-            .collect(),
+        Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
         Err(f) => failed(f),
     }
 }
@@ -277,7 +286,7 @@ async fn open_tiff(
     entry: ImageEntry,
     config: Arc<StreamConfig>,
     head: bytes::Bytes,
-) -> Vec<BandFuture> {
+) -> Bands {
     let file = match TiffFile::open(&images, &entry.path, entry.size, head).await {
         Ok(f) => f,
         Err(e) => return failed(failure(&entry, stage_of(&e), e.to_string())),
@@ -318,7 +327,7 @@ async fn open_tiff(
                 })
                 .await;
                 match cut {
-                    Ok(bands) => bands.into_iter().map(|b| futures::future::ready(Ok(b)).boxed()).collect(),
+                    Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
                     Err(f) => failed(f),
                 }
             }
@@ -337,8 +346,14 @@ async fn open_tiff(
     let key = Arc::new(key_of(&entry));
     let entry = Arc::new(entry);
     let dir = Arc::new(dir);
-    (0..grid.rows)
-        .map(|row| {
+    // Segments of SEGMENT_PX columns keep each unit of work (and its memory) the same size
+    // whatever the image width. Made lazily: a 100k px slide has thousands.
+    let per_segment = (config.segment_px / grid.stride).max(1);
+    let segments = grid.cols.div_ceil(per_segment);
+    futures::stream::iter(0..grid.rows * segments)
+        .map(move |i| {
+            let (row, segment) = (i / segments, i % segments);
+            let cols = segment * per_segment..((segment + 1) * per_segment).min(grid.cols);
             let (images, file, config, key, entry, dir) = (
                 images.clone(),
                 file.clone(),
@@ -348,30 +363,47 @@ async fn open_tiff(
                 dir.clone(),
             );
             async move {
-                let y0 = grid.origin(row, 0).1;
-                let rows = grid.patch.min(height - y0);
-                let chunks = tiff::chunk::fetch_band(&images, &file, level, y0, rows)
+                let (x0, y0) = grid.origin(row, cols.start);
+                let right = (grid.origin(row, cols.end - 1).0 + grid.patch).min(width);
+                let region = Region {
+                    x: x0,
+                    y: y0,
+                    width: right - x0,
+                    height: grid.patch.min(height - y0),
+                };
+                let chunks = tiff::chunk::fetch_region(&images, &file, level, region)
                     .await
                     .map_err(|e| failure(&entry, stage_of(&e), e.to_string()))?;
                 let e = entry.clone();
                 blocking(&entry, move || {
-                    let band = tiff::chunk::assemble_band(&dir, level, &chunks, y0, rows, config.channels)
-                        .map_err(|err| failure(&e, stage_of(&err), err.to_string()))?;
+                    let pixels =
+                        tiff::chunk::assemble_region(&dir, level, &chunks, region, config.channels)
+                            .map_err(|err| failure(&e, stage_of(&err), err.to_string()))?;
                     let raster = Raster {
-                        pixels: &band,
-                        width,
-                        rows,
-                        top: y0,
+                        pixels: &pixels,
+                        left: region.x,
+                        top: region.y,
+                        width: region.width,
+                        rows: region.height,
+                        image_width: width,
                         image_height: height,
                         channels: config.channels,
                     };
-                    Ok(band_batch(&key, &grid, row, &raster, level as u32, &config.foreground))
+                    Ok(segment_batch(
+                        &key,
+                        &grid,
+                        row,
+                        cols,
+                        &raster,
+                        level as u32,
+                        &config.foreground,
+                    ))
                 })
                 .await
             }
             .boxed()
         })
-        .collect()
+        .boxed()
 }
 
 /// Error table stage: a failed request is `read`, anything about the content is `decode`.

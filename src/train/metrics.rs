@@ -38,15 +38,24 @@ pub fn quadratic_weighted_kappa(truth: &[i64], predicted: &[i64], classes: usize
 
 /// Peak resident memory of this process so far, in bytes (VmHWM), or 0 where unknown.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_kib("VmHWM:") * 1024
+}
+
+/// Resident memory of this process now, in bytes (VmRSS), or 0 where unknown.
+pub fn rss_bytes() -> u64 {
+    proc_status_kib("VmRSS:") * 1024
+}
+
+fn proc_status_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -405,3 +405,59 @@ fn a_pipeline_trains_on_a_tiff_pyramid_level_and_reports_the_broken_file() {
     assert_eq!(col("image_id"), "train/broken");
     assert!(col("message").contains("truncated"), "{}", col("message"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_of_a_grid_row_reassemble_into_the_same_image_as_whole_rows() {
+    let root = memory_url("tiff-segments");
+    let out = Location::parse(&root).unwrap();
+    let recipe = Recipe::new(600, 10, 9);
+    let layout = layout_image(&recipe, "train", 0, 7, None);
+    write_tiff_image(&out, "images/a.tif", &layout, 600, 128, TileCompression::Deflate, false)
+        .await
+        .unwrap();
+    let loc = Location::parse(&format!("{root}/images")).unwrap();
+    let meta = loc.list().await.unwrap().remove(0);
+    let entry = patchgd::source::ImageEntry {
+        image_id: "a".into(),
+        url: loc.url_of(&meta.location),
+        size: meta.size,
+        path: meta.location,
+        label: 3,
+        split: Split::Train,
+    };
+    let mut images = Vec::new();
+    let mut batch_counts = Vec::new();
+    // 600 px at 40 px patches, stride 40: 15 x 15 cells; 200 px segments hold 5 of them.
+    for segment_px in [200, 4096] {
+        let config = StreamConfig {
+            stride: 40,
+            segment_px,
+            ..StreamConfig::new(40, 1)
+        };
+        let mut rx = stream_images(loc.clone(), vec![entry.clone()], config);
+        let mut asm = patchgd::patch::ImageAssembler::default();
+        let mut done = Vec::new();
+        let mut batches = 0;
+        while let Some(item) = rx.recv().await {
+            match item {
+                patchgd::source::SourceItem::Batch(b) => {
+                    batches += 1;
+                    done.extend(asm.push(&b.batch).unwrap());
+                }
+                patchgd::source::SourceItem::Failed(f) => panic!("{f:?}"),
+            }
+        }
+        batch_counts.push(batches);
+        images.push(done.pop().expect("the image completes"));
+    }
+    assert_eq!(batch_counts, vec![15 * 3, 15]);
+    assert_eq!(images[0].pixels, images[1].pixels);
+    // And both equal the image drawn directly, cut at the same places.
+    let full = layout.render_window(1, 0, 0, 600, 600);
+    let cell = |r: usize, c: usize| -> Vec<u8> {
+        (0..40)
+            .flat_map(|y| full[(r * 40 + y) * 600 + c * 40..(r * 40 + y) * 600 + c * 40 + 40].to_vec())
+            .collect()
+    };
+    assert_eq!(&images[0].pixels[(7 * 15 + 11) * 1600..(7 * 15 + 12) * 1600], &cell(7, 11)[..]);
+}

@@ -230,8 +230,10 @@ pub fn convert_pixels(src: &[u8], from: usize, dst: &mut [u8], to: usize, n: usi
     match (from, to) {
         (a, b) if a == b => dst[..n * a].copy_from_slice(&src[..n * a]),
         (1, 3) => {
-            for i in 0..n {
-                dst[i * 3..i * 3 + 3].fill(src[i]);
+            for (d, &s) in dst[..n * 3].chunks_exact_mut(3).zip(&src[..n]) {
+                d[0] = s;
+                d[1] = s;
+                d[2] = s;
             }
         }
         (f, 1) => {
@@ -250,26 +252,36 @@ pub fn convert_pixels(src: &[u8], from: usize, dst: &mut [u8], to: usize, n: usi
     }
 }
 
-/// The stored bytes of the chunks that rows `y0..y0 + h` of `level` need, by byte range.
-pub async fn fetch_band(
+/// A window of a level, in pixels (clipped to the level by the readers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// The stored bytes of the chunks under `region` of `level`, by byte range (one coalesced
+/// request for neighbouring chunks).
+pub async fn fetch_region(
     loc: &Location,
     file: &TiffFile,
     level: usize,
-    y0: usize,
-    h: usize,
+    region: Region,
 ) -> Result<Vec<(usize, Bytes)>> {
     let dir = file.level(level)?;
     check_supported(dir)?;
-    let ch = dir.chunk_height as usize;
+    let (cw, ch) = (dir.chunk_width as usize, dir.chunk_height as usize);
     let across = dir.chunks_across();
-    let last = (y0 + h).min(dir.height as usize);
-    if y0 >= last {
+    let bottom = (region.y + region.height).min(dir.height as usize);
+    let right = (region.x + region.width).min(dir.width as usize);
+    if region.y >= bottom || region.x >= right {
         return Ok(Vec::new());
     }
     let mut indices = Vec::new();
     let mut ranges = Vec::new();
-    for r in y0 / ch..last.div_ceil(ch) {
-        for c in 0..across {
+    for r in region.y / ch..bottom.div_ceil(ch) {
+        for c in region.x / cw..right.div_ceil(cw) {
             let index = r * across + c;
             let (offset, count) = (dir.offsets[index], dir.byte_counts[index]);
             if offset == 0 || count == 0 {
@@ -298,39 +310,44 @@ pub async fn fetch_band(
     Ok(indices.into_iter().zip(bytes).collect())
 }
 
-/// Paste decoded chunks into rows `y0..y0 + h` (full level width, `channels` per pixel);
-/// rows below the image stay zero.
-pub fn assemble_band(
+/// Decode the fetched chunks and paste the parts inside `region` into a `region.width` x
+/// `region.height` x `channels` buffer; pixels outside the level stay zero.
+pub fn assemble_region(
     dir: &Directory,
     level: usize,
     chunks: &[(usize, Bytes)],
-    y0: usize,
-    h: usize,
+    region: Region,
     channels: usize,
 ) -> Result<Vec<u8>> {
-    let width = dir.width as usize;
-    let mut out = vec![0u8; width * h * channels];
+    let mut out = vec![0u8; region.width * region.height * channels];
     let across = dir.chunks_across();
+    let bottom = (region.y + region.height).min(dir.height as usize);
+    let right = (region.x + region.width).min(dir.width as usize);
     for (index, data) in chunks {
         let chunk = decode_chunk(dir, level, *index, data)?;
         let (r, c) = (index / across, index % across);
-        let x0 = c * dir.chunk_width as usize;
-        let n = chunk.width.min(width - x0);
+        let cx0 = c * dir.chunk_width as usize;
+        // Columns of this chunk inside the region and the level.
+        let x_from = cx0.max(region.x);
+        let x_to = (cx0 + chunk.width).min(right);
+        if x_from >= x_to {
+            continue;
+        }
         for yy in 0..chunk.rows {
             let y = r * dir.chunk_height as usize + yy;
-            if y < y0 || y >= (y0 + h).min(dir.height as usize) {
+            if y < region.y || y >= bottom {
                 continue;
             }
-            let src = &chunk.pixels[yy * chunk.width * chunk.samples..];
-            let at = ((y - y0) * width + x0) * channels;
-            convert_pixels(src, chunk.samples, &mut out[at..], channels, n);
+            let src = &chunk.pixels[(yy * chunk.width + x_from - cx0) * chunk.samples..];
+            let at = ((y - region.y) * region.width + x_from - region.x) * channels;
+            convert_pixels(src, chunk.samples, &mut out[at..], channels, x_to - x_from);
         }
     }
     Ok(out)
 }
 
-/// Rows `y0..y0 + h` of `level` (fetch and decode in the calling task; the source stage splits
-/// the two so that decoding runs on the blocking pool).
+/// Rows `y0..y0 + h` of `level`, full width (fetch and decode in the calling task; the source
+/// stage splits the two so that decoding runs on the blocking pool).
 pub async fn read_rows(
     loc: &Location,
     file: &TiffFile,
@@ -339,6 +356,13 @@ pub async fn read_rows(
     h: usize,
     channels: usize,
 ) -> Result<Vec<u8>> {
-    let chunks = fetch_band(loc, file, level, y0, h).await?;
-    assemble_band(file.level(level)?, level, &chunks, y0, h, channels)
+    let dir = file.level(level)?;
+    let region = Region {
+        x: 0,
+        y: y0,
+        width: dir.width as usize,
+        height: h,
+    };
+    let chunks = fetch_region(loc, file, level, region).await?;
+    assemble_region(dir, level, &chunks, region, channels)
 }
