@@ -4,7 +4,9 @@
 //! 1. Throughput, in decoded MB/s and patches/s, for PNG, JPEG and tiled TIFF (JPEG tiles), from
 //!    file:// and from a local S3 server (moto, when `scripts/test` has installed it). The data
 //!    is the real H&E region `../shared/data/CMU-1-Small-Region.svs` (2220 x 2967 RGB) written in
-//!    each format. The ratio divides by (cores x the single-core decode rate of the same files).
+//!    each format. `ratio` divides by (cores x the single-core decode rate of the same files);
+//!    `ratio+p` by (cores x the single-core rate of decoding and cutting the patches with their
+//!    statistics), i.e. how well the pipeline spreads the same work over the cores.
 //! 2. Peak RSS of `patchgd inspect --scan` (a separate process per size) patching generated tiled
 //!    TIFFs of 8k, 16k and 32k px with the same settings.
 //!
@@ -15,7 +17,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use bytes::Bytes;
-use patchgd::patch::Foreground;
+use patchgd::patch::batch::{ImageKey, band_batch};
+use patchgd::patch::{Foreground, Grid, Raster};
 use patchgd::source::decode::decode;
 use patchgd::source::tiff::chunk::{Region, assemble_region, fetch_region};
 use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
@@ -39,7 +42,11 @@ async fn reference_pixels() -> (Vec<u8>, u32, u32) {
     let file = TiffFile::open(&loc, &p, size, head).await.unwrap();
     let d = &file.directories[0];
     let (w, h) = (d.width, d.height);
-    (read_rows(&loc, &file, 0, 0, h as usize, 3).await.unwrap(), w, h)
+    (
+        read_rows(&loc, &file, 0, 0, h as usize, 3).await.unwrap(),
+        w,
+        h,
+    )
 }
 
 /// Write `copies` of the image in `format` under `loc/format/`.
@@ -108,8 +115,15 @@ async fn entries(loc: &Location, format: &str) -> Vec<ImageEntry> {
         .collect()
 }
 
-/// Decode every file on this thread alone: seconds.
-async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry]) -> f64 {
+/// Decode every file on this thread alone (and, with `cut`, cut the patches with their
+/// statistics as the source does): seconds.
+async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry], cut: bool) -> f64 {
+    let key = ImageKey {
+        image_id: "x".into(),
+        label: None,
+        split: "train".into(),
+    };
+    let fg = Foreground::default();
     let start = Instant::now();
     for e in list {
         if format == "tiff" {
@@ -125,12 +139,36 @@ async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry]) 
                     height: PATCH.min(d.height as usize - y),
                 };
                 let chunks = fetch_region(loc, &file, 0, region).await.unwrap();
-                std::hint::black_box(assemble_region(&d, 0, &chunks, region, 3).unwrap());
+                let px = assemble_region(&d, 0, &chunks, region, 3).unwrap();
+                if cut {
+                    let (w, h) = (d.width as usize, d.height as usize);
+                    let grid = Grid::new(w, h, PATCH, PATCH).unwrap();
+                    let raster = Raster {
+                        pixels: &px,
+                        left: 0,
+                        top: y,
+                        width: w,
+                        rows: region.height,
+                        image_width: w,
+                        image_height: h,
+                        channels: 3,
+                    };
+                    std::hint::black_box(band_batch(&key, &grid, y / PATCH, &raster, 0, &fg));
+                }
+                std::hint::black_box(px);
                 y += PATCH;
             }
         } else {
             let bytes = loc.get(&e.path).await.unwrap();
-            std::hint::black_box(decode(&bytes, 3, None).unwrap());
+            let img = decode(&bytes, 3, None).unwrap();
+            if cut {
+                let grid = Grid::new(img.width, img.height, PATCH, PATCH).unwrap();
+                let raster = Raster::whole(&img.pixels, img.width, img.height, 3);
+                for row in 0..grid.rows {
+                    std::hint::black_box(band_batch(&key, &grid, row, &raster, 0, &fg));
+                }
+            }
+            std::hint::black_box(img);
         }
     }
     start.elapsed().as_secs_f64()
@@ -177,17 +215,26 @@ async fn main() {
         "Ingest: {copies} copies of a {w} x {h} RGB H&E region per format, patches of {PATCH} px, {cores} cores, median of {repeats}"
     );
     println!(
-        "{:<6} {:<7} {:>12} {:>12} {:>10} {:>16} {:>7}",
-        "format", "store", "1-core MB/s", "pipe MB/s", "patches/s", "cores x 1-core", "ratio"
+        "{:<6} {:<6} {:>13} {:>13} {:>11} {:>10} {:>8} {:>9}",
+        "format",
+        "store",
+        "decode MB/s",
+        "+patch MB/s",
+        "pipe MB/s",
+        "patches/s",
+        "ratio",
+        "ratio+p"
     );
     for format in ["png", "jpeg", "tiff"] {
         write_copies(&local, format, &px, w, h, copies).await;
         let list = entries(&local, format).await;
-        let mut singles = Vec::new();
+        let (mut singles, mut singles_cut) = (Vec::new(), Vec::new());
         for _ in 0..repeats {
-            singles.push(single_core_seconds(&local, format, &list).await);
+            singles.push(single_core_seconds(&local, format, &list, false).await);
+            singles_cut.push(single_core_seconds(&local, format, &list, true).await);
         }
         let single_rate = image_mb * list.len() as f64 / median(singles);
+        let cut_rate = image_mb * list.len() as f64 / median(singles_cut);
         let mut stores = vec![("file", local.clone())];
         if let Some(s3) = &s3 {
             write_copies(s3, format, &px, w, h, copies).await;
@@ -205,24 +252,34 @@ async fn main() {
             let secs = median(runs);
             let rate = image_mb * list.len() as f64 / secs;
             println!(
-                "{:<6} {:<7} {:>12.1} {:>12.1} {:>10.0} {:>16.1} {:>7.2}",
+                "{:<6} {:<6} {:>13.1} {:>13.1} {:>11.1} {:>10.0} {:>8.2} {:>9.2}",
                 format,
                 name,
                 single_rate,
+                cut_rate,
                 rate,
                 patches as f64 / secs,
-                cores as f64 * single_rate,
-                rate / (cores as f64 * single_rate)
+                rate / (cores as f64 * single_rate),
+                rate / (cores as f64 * cut_rate)
             );
         }
     }
     if server.is_none() {
-        println!("(no S3 rows: {} is missing; scripts/test installs it)", S3Server::binary().display());
+        println!(
+            "(no S3 rows: {} is missing; scripts/test installs it)",
+            S3Server::binary().display()
+        );
     }
 
     // Peak RSS while patching big tiled TIFFs, one process per size.
-    let sizes: &[u32] = if full { &[8192, 16384, 32768] } else { &[1024, 2048] };
-    println!("\nPeak RSS of `patchgd inspect --scan` (patches {PATCH} px, RGB, 2 workers, 128 MiB buffer):");
+    let sizes: &[u32] = if full {
+        &[8192, 16384, 32768]
+    } else {
+        &[1024, 2048]
+    };
+    println!(
+        "\nPeak RSS of `patchgd inspect --scan` (patches {PATCH} px, RGB, 2 workers, 128 MiB buffer):"
+    );
     println!(
         "{:>8} {:>10} {:>10} {:>18} {:>14} {:>10}",
         "size", "patches", "seconds", "RSS before MiB", "peak RSS MiB", "growth"
@@ -231,19 +288,53 @@ async fn main() {
     for &size in sizes {
         let out = dir.path().join(format!("tiff{size}"));
         let status = Command::new(bin)
-            .args(["synth", "ultramnist", "--format", "tiff", "--tile", "256", "--classes", "10", "--train", "1", "--val", "0"])
+            .args([
+                "synth",
+                "ultramnist",
+                "--format",
+                "tiff",
+                "--tile",
+                "256",
+                "--classes",
+                "10",
+                "--train",
+                "1",
+                "--val",
+                "0",
+            ])
             .args(["--size", &size.to_string(), "--out", out.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let file = out.join("images/train/000000.tif");
         let scan = Command::new(bin)
-            .args(["inspect", file.to_str().unwrap(), "--scan", "--patch", "256", "--channels", "3", "--foreground", "dark:32"])
+            .args([
+                "inspect",
+                file.to_str().unwrap(),
+                "--scan",
+                "--patch",
+                "256",
+                "--channels",
+                "3",
+                "--foreground",
+                "dark:32",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&scan.stdout);
-        assert!(scan.status.success(), "{text}{}", String::from_utf8_lossy(&scan.stderr));
-        let line = text.lines().find(|l| l.starts_with("scan:")).expect("a scan line");
+        assert!(
+            scan.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&scan.stderr)
+        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("scan:"))
+            .expect("a scan line");
         let field = |after: &str, before: &str| -> String {
             let s = &line[line.find(after).unwrap() + after.len()..];
             s[..s.find(before).unwrap()].trim().to_string()

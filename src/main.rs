@@ -124,10 +124,17 @@ fn inspect(args: InspectArgs) -> Result<()> {
     } else {
         let listed = rt.block_on(loc.list())?;
         if listed.is_empty() {
-            bail!("nothing at '{}': no object and no objects under it", args.url);
+            bail!(
+                "nothing at '{}': no object and no objects under it",
+                args.url
+            );
         }
         if listed.len() > args.limit {
-            eprintln!("{} objects; showing the first {} (--limit)", listed.len(), args.limit);
+            eprintln!(
+                "{} objects; showing the first {} (--limit)",
+                listed.len(),
+                args.limit
+            );
         }
         listed
             .into_iter()
@@ -148,7 +155,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
     if args.scan {
         let (light, threshold) = match args.foreground.strip_prefix("dark:") {
             Some(t) => (false, t),
-            None => (true, args.foreground.strip_prefix("light:").unwrap_or(&args.foreground)),
+            None => (
+                true,
+                args.foreground
+                    .strip_prefix("light:")
+                    .unwrap_or(&args.foreground),
+            ),
         };
         let mut config = StreamConfig::new(args.patch, args.channels);
         config.stride = stride;
@@ -156,13 +168,20 @@ fn inspect(args: InspectArgs) -> Result<()> {
         config.decode_workers = args.workers;
         config.buffer_bytes = args.buffer_mib << 20;
         config.foreground = Foreground {
-            threshold: threshold
-                .parse()
-                .with_context(|| format!("--foreground '{}': expected 0-255 or dark:N", args.foreground))?,
+            threshold: threshold.parse().with_context(|| {
+                format!(
+                    "--foreground '{}': expected 0-255 or dark:N",
+                    args.foreground
+                )
+            })?,
             light_background: light,
             min_fraction: args.min_foreground,
         };
-        let scan_loc = if single { targets[0].0.clone() } else { loc.clone() };
+        let scan_loc = if single {
+            targets[0].0.clone()
+        } else {
+            loc.clone()
+        };
         let rss_before = rss_bytes();
         let report = if single {
             rt.block_on(scan_one(&scan_loc, &targets[0].1, config))
@@ -191,7 +210,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
         }
     }
     if failed > 0 {
-        bail!("{failed} of {} objects could not be inspected", targets.len());
+        bail!(
+            "{failed} of {} objects could not be inspected",
+            targets.len()
+        );
     }
     Ok(())
 }

@@ -387,12 +387,12 @@ impl Location {
     /// Every object under the prefix, sorted by path so that listings are deterministic.
     pub async fn list(&self) -> Result<Vec<ObjectMeta>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let mut objects: Vec<ObjectMeta> =
-            self.store
-                .list(prefix)
-                .try_collect()
-                .await
-                .map_err(|source| io_error("list", self.url.clone(), source))?;
+        let mut objects: Vec<ObjectMeta> = self
+            .store
+            .list(prefix)
+            .try_collect()
+            .await
+            .map_err(|source| io_error("list", self.url.clone(), source))?;
         objects.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(objects)
     }
@@ -469,11 +469,18 @@ mod tests {
         let mut opts = StoreOptions::default();
         opts.options
             .insert("aws_secret_access_key".into(), "x".into());
-        let err = Location::parse_with("s3://b/p", &opts).unwrap_err().to_string();
-        assert!(err.contains("aws_secret_access_key") && err.contains("environment"), "{err}");
+        let err = Location::parse_with("s3://b/p", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("aws_secret_access_key") && err.contains("environment"),
+            "{err}"
+        );
         let mut opts = StoreOptions::default();
         opts.options.insert("colour".into(), "blue".into());
-        let err = Location::parse_with("s3://b/p", &opts).unwrap_err().to_string();
+        let err = Location::parse_with("s3://b/p", &opts)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("colour"), "{err}");
     }
 }

@@ -100,4 +100,3 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
-

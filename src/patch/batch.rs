@@ -143,7 +143,9 @@ pub fn patch_stats(
             }
             3 => {
                 for px in row.chunks_exact(3) {
-                    let s = (px[0] as u32).wrapping_add(px[1] as u32).wrapping_add(px[2] as u32);
+                    let s = (px[0] as u32)
+                        .wrapping_add(px[1] as u32)
+                        .wrapping_add(px[2] as u32);
                     count = count.wrapping_add(hit(s));
                 }
             }
@@ -163,7 +165,11 @@ pub fn patch_stats(
     let n = pixels * channels as f64;
     let mean = sum as f64 / n;
     let var = (sq as f64 / n - mean * mean).max(0.0);
-    (mean as f32, var.sqrt() as f32, (fg_pixels as f64 / pixels) as f32)
+    (
+        mean as f32,
+        var.sqrt() as f32,
+        (fg_pixels as f64 / pixels) as f32,
+    )
 }
 
 /// The batch of grid row `row`: one Arrow row per patch (r, 0..cols), with statistics; patches
@@ -206,8 +212,7 @@ pub fn segment_batch(
         let (x0, y0) = grid.origin(row, col);
         let valid_w = image.image_width.saturating_sub(x0).min(m);
         let valid_h = image.image_height.saturating_sub(y0).min(m);
-        let (mean, std, f) =
-            patch_stats(&values[start..], m, image.channels, valid_w, valid_h, fg);
+        let (mean, std, f) = patch_stats(&values[start..], m, image.channels, valid_w, valid_h, fg);
         means.push(mean);
         stds.push(std);
         fgs.push(f);
@@ -352,15 +357,16 @@ impl ImageAssembler {
             }
             let cell = r * gc + c;
             if pixels.is_valid(i) {
-            let value = pixels.value(i);
-            if value.len() != patch_bytes {
-                return Err(PatchError::Malformed(format!(
-                    "patch ({r}, {c}) of image '{id}' has {} bytes, expected {patch_bytes}",
-                    value.len()
-                )));
-            }
-            entry.image.pixels[cell * patch_bytes..(cell + 1) * patch_bytes].copy_from_slice(value);
-            entry.image.present[cell] = true;
+                let value = pixels.value(i);
+                if value.len() != patch_bytes {
+                    return Err(PatchError::Malformed(format!(
+                        "patch ({r}, {c}) of image '{id}' has {} bytes, expected {patch_bytes}",
+                        value.len()
+                    )));
+                }
+                entry.image.pixels[cell * patch_bytes..(cell + 1) * patch_bytes]
+                    .copy_from_slice(value);
+                entry.image.present[cell] = true;
             }
             if !std::mem::replace(&mut entry.seen[cell], true) {
                 entry.remaining -= 1;

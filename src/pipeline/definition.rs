@@ -507,7 +507,10 @@ impl Definition {
                 );
             }
             if !matches!(s.format.as_str(), "png" | "tiff") {
-                return bad("synth.format", format!("is '{}'; allowed: png, tiff", s.format));
+                return bad(
+                    "synth.format",
+                    format!("is '{}'; allowed: png, tiff", s.format),
+                );
             }
             if !matches!(s.compression.as_str(), "jpeg" | "deflate" | "lzw" | "none") {
                 return bad(
@@ -516,7 +519,10 @@ impl Definition {
                 );
             }
             if s.tile < 16 || s.tile % 16 != 0 {
-                return bad("synth.tile", format!("is {}; must be a multiple of 16", s.tile));
+                return bad(
+                    "synth.tile",
+                    format!("is {}; must be a multiple of 16", s.tile),
+                );
             }
             if s.size < 28 {
                 return bad(

@@ -130,7 +130,10 @@ pub fn strip_extension(rel: &str) -> &str {
 
 /// Splits `scheme://.../dir/file` into the directory's location and the file's path.
 /// image_id -> (label, split), from CSV or Parquet.
-pub async fn load_labels(url: &str, options: &StoreOptions) -> Result<HashMap<String, (i64, Split)>> {
+pub async fn load_labels(
+    url: &str,
+    options: &StoreOptions,
+) -> Result<HashMap<String, (i64, Split)>> {
     let err = |reason: String| SourceError::Labels {
         url: url.to_string(),
         reason,
@@ -239,9 +242,13 @@ mod tests {
         root.put("images/val/b.png", "x").await.unwrap();
         root.put("images/val/c.png", "x").await.unwrap();
         let images = Location::parse("memory://catalog-test/ds/images").unwrap();
-        let cat = Catalog::load(&images, "memory://catalog-test/ds/labels.csv", &Default::default())
-            .await
-            .unwrap();
+        let cat = Catalog::load(
+            &images,
+            "memory://catalog-test/ds/labels.csv",
+            &Default::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(cat.objects, 3);
         assert_eq!(cat.images.len(), 2);
         assert_eq!(cat.split(Split::Train)[0].label, 1);
@@ -277,10 +284,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no column 'label'"), "{e}");
-        let e = load_labels("memory://catalog-test2/ds/badsplit.csv", &Default::default())
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = load_labels(
+            "memory://catalog-test2/ds/badsplit.csv",
+            &Default::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("split 'test'"), "{e}");
     }
 }

@@ -24,8 +24,8 @@ pub struct LevelInfo {
     pub directory: Option<usize>,
     pub width: u32,
     pub height: u32,
-    /// (width, height) of a tile; `None` for strips or a whole-image format.
-    pub tile: Option<(u32, u32)>,
+    /// `tiles WxH`, `strips of N rows`, or `whole image` (PNG, JPEG).
+    pub layout: String,
     pub compression: String,
     pub channels: u16,
     /// Grid (rows, cols) at the inspected patch size and stride, if the level is big enough.
@@ -44,7 +44,7 @@ pub struct ImageInfo {
 impl ImageInfo {
     /// A plain-text report, one line per level.
     pub fn render(&self, patch: usize, stride: usize) -> String {
-        let mut s = format!("{}\n  {} , {} bytes", self.url, self.format, self.bytes);
+        let mut s = format!("{}\n  {}, {} bytes", self.url, self.format, self.bytes);
         if let Some(mpp) = self.mpp {
             let _ = write!(s, ", {mpp} microns/px at level 0");
         }
@@ -56,17 +56,14 @@ impl ImageInfo {
                 (None, Some(d)) => format!("other (dir {d})"),
                 (None, None) => "other".into(),
             };
-            let tile = l
-                .tile
-                .map_or("strips/whole".to_string(), |(w, h)| format!("tiles {w}x{h}"));
             let grid = l.grid.map_or("smaller than a patch".to_string(), |(r, c)| {
                 let n = r * c;
                 format!("{n} patch{} ({r} x {c})", if n == 1 { "" } else { "es" })
             });
             let _ = writeln!(
                 s,
-                "  {name:<18} {:>6} x {:<6} {tile:<14} {:<22} {} ch  {grid}",
-                l.width, l.height, l.compression, l.channels
+                "  {name:<16} {:>6} x {:<6} {:<18} {:<20} {} ch  {grid}",
+                l.width, l.height, l.layout, l.compression, l.channels
             );
         }
         s
@@ -107,7 +104,11 @@ pub async fn inspect(
                 directory: Some(d.index),
                 width: d.width,
                 height: d.height,
-                tile: d.tiled.then_some((d.chunk_width, d.chunk_height)),
+                layout: if d.tiled {
+                    format!("tiles {}x{}", d.chunk_width, d.chunk_height)
+                } else {
+                    format!("strips of {} rows", d.chunk_height)
+                },
                 compression: compression_name(d.compression),
                 channels: d.samples,
                 grid: grid(d.width, d.height),
@@ -148,7 +149,7 @@ pub async fn inspect(
             directory: None,
             width: w,
             height: h,
-            tile: None,
+            layout: "whole image".into(),
             compression: format.into(),
             channels,
             grid: grid(w, h),

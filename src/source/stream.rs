@@ -190,15 +190,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// First request for one image; returns its band futures (or one failure).
-async fn open_image(
-    images: Location,
-    entry: ImageEntry,
-    config: Arc<StreamConfig>,
-) -> Bands {
+async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfig>) -> Bands {
     if entry.size == 0 {
         return failed(failure(&entry, "decode", "empty object (0 bytes)".into()));
     }
-    let head = match images.get_range(&entry.path, 0..entry.size.min(HEAD_BYTES)).await {
+    let head = match images
+        .get_range(&entry.path, 0..entry.size.min(HEAD_BYTES))
+        .await
+    {
         Ok(b) => b,
         Err(e) => return failed(failure(&entry, "read", e.to_string())),
     };
@@ -227,7 +226,10 @@ async fn open_image(
         ));
     }
     let bytes = if (head.len() as u64) < entry.size {
-        match images.get_range(&entry.path, head.len() as u64..entry.size).await {
+        match images
+            .get_range(&entry.path, head.len() as u64..entry.size)
+            .await
+        {
             Ok(rest) => [head, rest].concat(),
             Err(e) => return failed(failure(&entry, "read", e.to_string())),
         }
@@ -322,7 +324,13 @@ async fn open_tiff(
                 let e = entry.clone();
                 let size = config.resize_to.unwrap();
                 let cut = blocking(&entry, move || {
-                    let img = crate::source::decode::resize(&pixels, width, height, config.channels, size);
+                    let img = crate::source::decode::resize(
+                        &pixels,
+                        width,
+                        height,
+                        config.channels,
+                        size,
+                    );
                     cut_raster(&e, &img, size as usize, size as usize, &config)
                 })
                 .await;

@@ -37,7 +37,10 @@ pub async fn write_tiff_image(
         channels: 1,
         compression,
         bigtiff,
-        description: format!("patchgd synth ultramnist {size}x{size} label={}", layout.label),
+        description: format!(
+            "patchgd synth ultramnist {size}x{size} label={}",
+            layout.label
+        ),
     };
     write_pyramid(out, relative, &spec, |level, tx, ty| {
         layout.render_window(1 << level, tx * tile, ty * tile, tile, tile)

@@ -46,7 +46,17 @@ fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
     let mut asm = ImageAssembler::default();
     let mut done = Vec::new();
     for row in (0..grid.rows).rev() {
-        done.extend(asm.push(&band_batch(&key, &grid, row, &raster, 0, &Foreground::default())).unwrap());
+        done.extend(
+            asm.push(&band_batch(
+                &key,
+                &grid,
+                row,
+                &raster,
+                0,
+                &Foreground::default(),
+            ))
+            .unwrap(),
+        );
     }
     done.pop().unwrap()
 }

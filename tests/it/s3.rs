@@ -9,8 +9,8 @@ use arrow::record_batch::RecordBatch;
 use patchgd::source::tiff::write::TileCompression;
 use patchgd::source::{Catalog, SourceItem, Split, StreamConfig, stream_images};
 use patchgd::storage::{Location, StoreOptions};
-use patchgd::testkit::S3Server;
 use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
+use patchgd::testkit::S3Server;
 
 use crate::common::memory_url;
 
@@ -75,7 +75,10 @@ async fn s3_gives_the_same_patches_as_memory_for_png_and_tiled_tiff() {
         assert_eq!(n, 3);
         // 300 px at 64 px patches: a 5 x 5 grid, one batch per grid row.
         assert_eq!(from_s3.len(), 3 * 5, "{name}");
-        assert_eq!(from_s3, from_mem, "{name}: s3:// and memory:// patches differ");
+        assert_eq!(
+            from_s3, from_mem,
+            "{name}: s3:// and memory:// patches differ"
+        );
     }
 }
 
@@ -90,8 +93,15 @@ fn inspect_reads_s3_with_credentials_from_the_environment_and_never_prints_them(
         compression: TileCompression::Deflate,
         bigtiff: false,
     };
-    rt.block_on(write_ultramnist(&loc, &Recipe::new(512, 10, 1), 1, 0, None, format))
-        .unwrap();
+    rt.block_on(write_ultramnist(
+        &loc,
+        &Recipe::new(512, 10, 1),
+        1,
+        0,
+        None,
+        format,
+    ))
+    .unwrap();
     let secret = "s3cr3t-Value-9f8e7d";
     let out = Command::new(env!("CARGO_BIN_EXE_patchgd"))
         .args([
@@ -165,7 +175,10 @@ fn inspect_reads_s3_with_credentials_from_the_environment_and_never_prints_them(
         .unwrap();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(err.contains("aws_secret_access_key") && err.contains("environment"), "{err}");
+    assert!(
+        err.contains("aws_secret_access_key") && err.contains("environment"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +206,12 @@ async fn a_server_that_goes_away_is_retried_then_every_image_is_reported() {
             SourceItem::Failed(f) => failures.push(f),
         }
     }
-    assert_eq!(failures.len(), 4, "seen 4 = used 0 + failed {}", failures.len());
+    assert_eq!(
+        failures.len(),
+        4,
+        "seen 4 = used 0 + failed {}",
+        failures.len()
+    );
     for f in &failures {
         assert_eq!(f.stage, "read");
         assert!(f.url.starts_with("s3://flaky/ds/images/train/"), "{f:?}");

@@ -29,7 +29,9 @@ async fn patches_stream_as_a_datafusion_record_batch_stream_and_failures_are_col
         .await
         .unwrap();
     let loc = Location::parse(&images).unwrap();
-    let catalog = Catalog::load(&loc, &labels, &Default::default()).await.unwrap();
+    let catalog = Catalog::load(&loc, &labels, &Default::default())
+        .await
+        .unwrap();
     let entries = [catalog.split(Split::Train), catalog.split(Split::Val)].concat();
     let failures = Arc::new(Mutex::new(Vec::new()));
     let stream = into_record_batch_stream(

@@ -87,7 +87,11 @@ async fn cmu_small_region_svs_has_the_documented_directories_and_pixel_means() {
             .unwrap()
             .starts_with("Aperio Image Library v11.2.1")
     );
-    assert_eq!(file.levels, vec![0], "thumbnail, label and macro are not levels");
+    assert_eq!(
+        file.levels,
+        vec![0],
+        "thumbnail, label and macro are not levels"
+    );
     assert!(file.mpp().is_some_and(|m| (m - 0.499).abs() < 0.01));
     let px = read_rows(&loc, &file, 0, 0, 2967, 3).await.unwrap();
     assert_close(
@@ -140,13 +144,11 @@ async fn the_svs_streams_as_patches_with_statistics() {
     };
     let failures = Arc::new(Mutex::new(Vec::new()));
     let config = StreamConfig::new(256, 3);
-    let batches: Vec<_> = into_record_batch_stream(
-        stream_images(loc, vec![entry], config),
-        failures.clone(),
-    )
-    .try_collect()
-    .await
-    .unwrap();
+    let batches: Vec<_> =
+        into_record_batch_stream(stream_images(loc, vec![entry], config), failures.clone())
+            .try_collect()
+            .await
+            .unwrap();
     assert!(failures.lock().unwrap().is_empty(), "{failures:?}");
     // 2220 x 2967 at 256 px: 9 columns x 12 rows, one batch per row.
     assert_eq!(batches.len(), 12);
@@ -250,9 +252,17 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
     let recipe = Recipe::new(128, 10, 5);
     let layout = layout_image(&recipe, "train", 0, 7, None);
     // A good uncompressed 128 px TIFF, 64 px tiles: 4 tiles at level 0, one at level 1.
-    write_tiff_image(&out, "images/good.tif", &layout, 128, 64, TileCompression::None, false)
-        .await
-        .unwrap();
+    write_tiff_image(
+        &out,
+        "images/good.tif",
+        &layout,
+        128,
+        64,
+        TileCompression::None,
+        false,
+    )
+    .await
+    .unwrap();
     let good = out.get_relative("images/good.tif").await.unwrap().to_vec();
     let mut files: Vec<(&str, Vec<u8>)> = vec![("truncated.tif", good[..good.len() / 2].to_vec())];
     let mut short = good.clone();
@@ -299,15 +309,33 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
         .await
         .unwrap();
     assert_eq!(catalog.images.len(), 8);
-    let mut rx = stream_images(images, catalog.split(Split::Train), StreamConfig::new(32, 1));
+    let mut rx = stream_images(
+        images,
+        catalog.split(Split::Train),
+        StreamConfig::new(32, 1),
+    );
     let mut failures = Vec::new();
     let mut complete = std::collections::BTreeMap::<String, usize>::new();
     while let Some(item) = rx.recv().await {
         match item {
             patchgd::source::SourceItem::Failed(f) => failures.push(f),
             patchgd::source::SourceItem::Batch(b) => {
-                let id = b.batch.column(0).as_any().downcast_ref::<arrow::array::StringArray>().unwrap().value(0).to_string();
-                let rows = b.batch.column_by_name("row").unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().len();
+                let id = b
+                    .batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .unwrap()
+                    .value(0)
+                    .to_string();
+                let rows = b
+                    .batch
+                    .column_by_name("row")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<UInt32Array>()
+                    .unwrap()
+                    .len();
                 *complete.entry(id).or_default() += rows;
             }
         }
@@ -365,10 +393,17 @@ fn a_pipeline_trains_on_a_tiff_pyramid_level_and_reports_the_broken_file() {
         format,
     ))
     .unwrap();
-    let first = rt.block_on(loc.get_relative("images/train/000000.tif")).unwrap();
+    let first = rt
+        .block_on(loc.get_relative("images/train/000000.tif"))
+        .unwrap();
     rt.block_on(loc.put("images/train/broken.tif", first.slice(..100)))
         .unwrap();
-    let mut labels = String::from_utf8(rt.block_on(loc.get_relative("labels.csv")).unwrap().to_vec()).unwrap();
+    let mut labels = String::from_utf8(
+        rt.block_on(loc.get_relative("labels.csv"))
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     labels.push_str("train/broken,1,train,\n");
     rt.block_on(loc.put("labels.csv", labels)).unwrap();
     let out = format!("{root}/out");
@@ -412,9 +447,17 @@ async fn segments_of_a_grid_row_reassemble_into_the_same_image_as_whole_rows() {
     let out = Location::parse(&root).unwrap();
     let recipe = Recipe::new(600, 10, 9);
     let layout = layout_image(&recipe, "train", 0, 7, None);
-    write_tiff_image(&out, "images/a.tif", &layout, 600, 128, TileCompression::Deflate, false)
-        .await
-        .unwrap();
+    write_tiff_image(
+        &out,
+        "images/a.tif",
+        &layout,
+        600,
+        128,
+        TileCompression::Deflate,
+        false,
+    )
+    .await
+    .unwrap();
     let loc = Location::parse(&format!("{root}/images")).unwrap();
     let meta = loc.list().await.unwrap().remove(0);
     let entry = patchgd::source::ImageEntry {
@@ -456,8 +499,13 @@ async fn segments_of_a_grid_row_reassemble_into_the_same_image_as_whole_rows() {
     let full = layout.render_window(1, 0, 0, 600, 600);
     let cell = |r: usize, c: usize| -> Vec<u8> {
         (0..40)
-            .flat_map(|y| full[(r * 40 + y) * 600 + c * 40..(r * 40 + y) * 600 + c * 40 + 40].to_vec())
+            .flat_map(|y| {
+                full[(r * 40 + y) * 600 + c * 40..(r * 40 + y) * 600 + c * 40 + 40].to_vec()
+            })
             .collect()
     };
-    assert_eq!(&images[0].pixels[(7 * 15 + 11) * 1600..(7 * 15 + 12) * 1600], &cell(7, 11)[..]);
+    assert_eq!(
+        &images[0].pixels[(7 * 15 + 11) * 1600..(7 * 15 + 12) * 1600],
+        &cell(7, 11)[..]
+    );
 }

@@ -82,9 +82,7 @@ pub fn decode_chunk(dir: &Directory, level: usize, index: usize, data: &[u8]) ->
             });
         }
         if w < width.min(dir.width as usize) || h < rows.min(dir.height as usize) {
-            return Err(err(format!(
-                "JPEG is {w} x {h}, expected {width} x {rows}"
-            )));
+            return Err(err(format!("JPEG is {w} x {h}, expected {width} x {rows}")));
         }
         // Larger than the chunk (padded strips): keep the chunk's part.
         let mut out = vec![0u8; width * rows * samples];
@@ -183,7 +181,10 @@ fn decode_jpeg(dir: &Directory, data: &[u8]) -> Result<(Vec<u8>, usize, usize, u
     let (w, h) = (info.width as usize, info.height as usize);
     let samples = if colour { 3 } else { 1 };
     if pixels.len() < w * h * samples {
-        return Err(format!("JPEG: {} bytes decoded for {w} x {h}", pixels.len()));
+        return Err(format!(
+            "JPEG: {} bytes decoded for {w} x {h}",
+            pixels.len()
+        ));
     }
     Ok((pixels, w, h, samples))
 }
@@ -239,8 +240,8 @@ pub fn convert_pixels(src: &[u8], from: usize, dst: &mut [u8], to: usize, n: usi
         (f, 1) => {
             for i in 0..n {
                 let p = &src[i * f..];
-                dst[i] = ((299 * p[0] as u32 + 587 * p[1] as u32 + 114 * p[2] as u32 + 500)
-                    / 1000) as u8;
+                dst[i] = ((299 * p[0] as u32 + 587 * p[1] as u32 + 114 * p[2] as u32 + 500) / 1000)
+                    as u8;
             }
         }
         (f, 3) => {

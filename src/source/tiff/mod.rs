@@ -21,7 +21,9 @@ pub use chunk::read_rows;
 pub enum TiffError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("truncated file: {what} at bytes {start}..{end} lies beyond the end of the object ({size} bytes)")]
+    #[error(
+        "truncated file: {what} at bytes {start}..{end} lies beyond the end of the object ({size} bytes)"
+    )]
     Truncated {
         what: String,
         start: u64,
@@ -241,15 +243,27 @@ pub(crate) struct ByteOrder(pub bool);
 impl ByteOrder {
     pub fn u16(self, b: &[u8]) -> u16 {
         let a = [b[0], b[1]];
-        if self.0 { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) }
+        if self.0 {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        }
     }
     pub fn u32(self, b: &[u8]) -> u32 {
         let a = [b[0], b[1], b[2], b[3]];
-        if self.0 { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+        if self.0 {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
     }
     pub fn u64(self, b: &[u8]) -> u64 {
         let a: [u8; 8] = b[..8].try_into().unwrap();
-        if self.0 { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) }
+        if self.0 {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        }
     }
 }
 
@@ -347,8 +361,12 @@ impl Entry {
         let n = self.count as usize;
         match self.kind {
             1 | 6 | 7 => self.bytes[..n].iter().map(|&b| b as u64).collect(),
-            3 | 8 => (0..n).map(|i| bo.u16(&self.bytes[i * 2..]) as u64).collect(),
-            4 | 9 | 13 => (0..n).map(|i| bo.u32(&self.bytes[i * 4..]) as u64).collect(),
+            3 | 8 => (0..n)
+                .map(|i| bo.u16(&self.bytes[i * 2..]) as u64)
+                .collect(),
+            4 | 9 | 13 => (0..n)
+                .map(|i| bo.u32(&self.bytes[i * 4..]) as u64)
+                .collect(),
             16 | 17 | 18 => (0..n).map(|i| bo.u64(&self.bytes[i * 8..])).collect(),
             _ => Vec::new(),
         }
@@ -369,7 +387,11 @@ async fn read_directory(
         (2, 12, 4, 4)
     };
     let c = reader.read(offset..offset + count_len, &what).await?;
-    let count = if bigtiff { bo.u64(&c) } else { bo.u16(&c) as u64 };
+    let count = if bigtiff {
+        bo.u64(&c)
+    } else {
+        bo.u16(&c) as u64
+    };
     if count == 0 || count > 4096 {
         return Err(TiffError::Malformed(format!(
             "directory {index} at offset {offset} claims {count} entries"
@@ -407,7 +429,11 @@ async fn read_directory(
                 bytes: Bytes::copy_from_slice(&value[..size as usize]),
             });
         } else {
-            let at = if bigtiff { bo.u64(value) } else { bo.u32(value) as u64 };
+            let at = if bigtiff {
+                bo.u64(value)
+            } else {
+                bo.u32(value) as u64
+            };
             let range = at..at.saturating_add(size);
             reader.check(&range, &format!("{what} tag {tag}"))?;
             remote.push((tag, kind, n, range));
@@ -454,19 +480,25 @@ async fn read_directory(
             get(TILE_OFFSETS).map(|e| e.numbers(bo)).unwrap_or_default(),
             get(TILE_BYTE_COUNTS)
                 .map(|e| e.numbers(bo))
-                .ok_or_else(|| TiffError::Malformed(format!("directory {index} has no TileByteCounts")))?,
+                .ok_or_else(|| {
+                    TiffError::Malformed(format!("directory {index} has no TileByteCounts"))
+                })?,
         )
     } else {
-        let rows = number(ROWS_PER_STRIP).unwrap_or(height as u64).min(height as u64) as u32;
+        let rows = number(ROWS_PER_STRIP)
+            .unwrap_or(height as u64)
+            .min(height as u64) as u32;
         (
             width,
             rows.max(1),
-            get(STRIP_OFFSETS)
-                .map(|e| e.numbers(bo))
-                .ok_or_else(|| TiffError::Malformed(format!("directory {index} has neither tiles nor strips")))?,
+            get(STRIP_OFFSETS).map(|e| e.numbers(bo)).ok_or_else(|| {
+                TiffError::Malformed(format!("directory {index} has neither tiles nor strips"))
+            })?,
             get(STRIP_BYTE_COUNTS)
                 .map(|e| e.numbers(bo))
-                .ok_or_else(|| TiffError::Malformed(format!("directory {index} has no StripByteCounts")))?,
+                .ok_or_else(|| {
+                    TiffError::Malformed(format!("directory {index} has no StripByteCounts"))
+                })?,
         )
     };
     let dir = Directory {
@@ -503,7 +535,11 @@ async fn read_directory(
         )));
     }
     let expected = dir.chunks_across() * dir.chunks_down();
-    let expected = if dir.planar == 2 { expected * samples as usize } else { expected };
+    let expected = if dir.planar == 2 {
+        expected * samples as usize
+    } else {
+        expected
+    };
     if dir.offsets.len() < expected || dir.byte_counts.len() < expected {
         return Err(TiffError::Malformed(format!(
             "directory {index}: {} offsets and {} byte counts for {expected} tiles or strips",
@@ -512,4 +548,73 @@ async fn read_directory(
         )));
     }
     Ok((dir, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(index: usize, width: u32, description: Option<&str>) -> Directory {
+        Directory {
+            index,
+            width,
+            height: width,
+            samples: 3,
+            bits: 8,
+            compression: 7,
+            photometric: 2,
+            predictor: 1,
+            planar: 1,
+            tiled: true,
+            chunk_width: 256,
+            chunk_height: 256,
+            offsets: Vec::new(),
+            byte_counts: Vec::new(),
+            jpeg_tables: None,
+            subfile_type: 0,
+            description: description.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn target_mpp_picks_the_nearest_level_by_ratio() {
+        let desc = "Aperio Image Library v12.0.15 |AppMag = 20|MPP = 0.5|Filename = x";
+        let file = TiffFile {
+            url: "memory://t/x.svs".into(),
+            path: Path::from("x.svs"),
+            size: 0,
+            bigtiff: false,
+            little_endian: true,
+            directories: vec![
+                dir(0, 8000, Some(desc)),
+                dir(1, 2000, None),
+                dir(2, 500, None),
+            ],
+            levels: vec![0, 1, 2],
+        };
+        assert_eq!(file.mpp(), Some(0.5));
+        // Levels are 0.5, 2 and 8 microns per pixel.
+        assert_eq!(file.level_for_mpp(0.25), Some(0));
+        assert_eq!(file.level_for_mpp(1.5), Some(1));
+        assert_eq!(file.level_for_mpp(5.0), Some(2));
+        let mut no_mpp = file.clone();
+        no_mpp.directories[0].description = None;
+        assert_eq!(no_mpp.level_for_mpp(1.0), None);
+        assert!(matches!(
+            file.level(3),
+            Err(TiffError::NoSuchLevel {
+                level: 3,
+                levels: 3
+            })
+        ));
+    }
+
+    #[test]
+    fn headers_are_recognised_in_both_byte_orders_and_both_sizes() {
+        assert!(is_tiff(b"II*\0rest"));
+        assert!(is_tiff(b"MM\0*rest"));
+        assert!(is_tiff(b"II+\0rest"));
+        assert!(!is_tiff(b"\x89PNG\r\n"));
+        assert!(!is_tiff(b"II"));
+    }
 }

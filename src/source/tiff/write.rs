@@ -69,12 +69,19 @@ impl PyramidSpec {
 }
 
 /// Compress one tile (tile x tile x channels bytes, zero-padded at the image edge).
-pub fn compress_tile(pixels: &[u8], tile: u32, channels: u16, compression: TileCompression) -> Vec<u8> {
+pub fn compress_tile(
+    pixels: &[u8],
+    tile: u32,
+    channels: u16,
+    compression: TileCompression,
+) -> Vec<u8> {
     match compression {
         TileCompression::None => pixels.to_vec(),
-        TileCompression::Lzw => weezl::encode::Encoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8)
-            .encode(pixels)
-            .expect("LZW encoding of an in-memory buffer"),
+        TileCompression::Lzw => {
+            weezl::encode::Encoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8)
+                .encode(pixels)
+                .expect("LZW encoding of an in-memory buffer")
+        }
         TileCompression::Deflate => {
             let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(pixels).expect("Deflate into memory");
@@ -201,16 +208,28 @@ fn build_directory(
         _ => 2,
     };
     let mut entries: Vec<(u16, u16, u64, Vec<u8>)> = vec![
-        (254, long, 1, (if level == 0 { 0u32 } else { 1 }).to_le_bytes().to_vec()),
+        (
+            254,
+            long,
+            1,
+            (if level == 0 { 0u32 } else { 1 }).to_le_bytes().to_vec(),
+        ),
         (256, long, 1, width.to_le_bytes().to_vec()),
         (257, long, 1, height.to_le_bytes().to_vec()),
         (
             258,
             short,
             spec.channels as u64,
-            (0..spec.channels).flat_map(|_| 8u16.to_le_bytes()).collect(),
+            (0..spec.channels)
+                .flat_map(|_| 8u16.to_le_bytes())
+                .collect(),
         ),
-        (259, short, 1, spec.compression.code().to_le_bytes().to_vec()),
+        (
+            259,
+            short,
+            1,
+            spec.compression.code().to_le_bytes().to_vec(),
+        ),
         (262, short, 1, photometric.to_le_bytes().to_vec()),
         (277, short, 1, spec.channels.to_le_bytes().to_vec()),
         (284, short, 1, 1u16.to_le_bytes().to_vec()),
@@ -224,7 +243,11 @@ fn build_directory(
     }
     entries.sort_by_key(|e| e.0);
     let n_entries = entries.len() + 2; // + TileOffsets, TileByteCounts
-    let (count_len, entry_len, inline) = if big { (8u64, 20u64, 8usize) } else { (2, 12, 4) };
+    let (count_len, entry_len, inline) = if big {
+        (8u64, 20u64, 8usize)
+    } else {
+        (2, 12, 4)
+    };
     let ifd_len = count_len + n_entries as u64 * entry_len + if big { 8 } else { 4 };
     let tile_count = tiles.len() as u64;
     let word_len = if big { 8 } else { 4 };
@@ -264,8 +287,18 @@ fn build_directory(
         counts.extend(word(t.len() as u64));
         p += t.len() as u64;
     }
-    fields.push((324, offset_type, tile_count, value_field(&offsets, &mut extra)));
-    fields.push((325, offset_type, tile_count, value_field(&counts, &mut extra)));
+    fields.push((
+        324,
+        offset_type,
+        tile_count,
+        value_field(&offsets, &mut extra),
+    ));
+    fields.push((
+        325,
+        offset_type,
+        tile_count,
+        value_field(&counts, &mut extra),
+    ));
     fields.sort_by_key(|f| f.0);
     let mut out = Vec::new();
     if big {
