@@ -54,7 +54,7 @@ fn bench(
     for i in 0..=steps {
         let plan = plan_outer_step((GRID * GRID) as usize, RHO, Accumulation::Zeta, &mut rng);
         let start = Instant::now();
-        let out = outer_step(&model, &mut opt, 1e-3, &batch, &plan, 256);
+        let out = outer_step(&model, &mut opt, 1e-3, &batch, &plan, 256, None);
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use patchgd::patch::Foreground;
-use patchgd::pipeline::{Definition, run};
+use patchgd::pipeline::{Definition, RunOptions, run_with};
 use patchgd::source::StreamConfig;
 use patchgd::source::inspect::{inspect as inspect_object, scan};
 use patchgd::source::tiff::write::TileCompression;
@@ -36,6 +36,10 @@ enum Command {
         /// Plain log lines even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Start over: delete the checkpoints under the output instead of resuming from them.
+        /// (Without it, a run resumes from its newest complete checkpoint.)
+        #[arg(long)]
+        fresh: bool,
     },
     /// Generate a data set.
     Synth {
@@ -371,6 +375,7 @@ fn main() -> Result<()> {
             pipeline,
             set,
             no_progress,
+            fresh,
         } => {
             let text = std::fs::read_to_string(&pipeline)
                 .with_context(|| format!("cannot read pipeline file '{}'", pipeline.display()))?;
@@ -380,7 +385,13 @@ fn main() -> Result<()> {
                 &pipeline.display().to_string(),
                 &overrides,
             )?;
-            let summary = run(&def, !no_progress)?;
+            let summary = run_with(
+                &def,
+                &RunOptions {
+                    show_progress: !no_progress,
+                    fresh,
+                },
+            )?;
             println!(
                 "{}: validation accuracy {:.3} (QWK {:.3}) after {} epochs; images seen {} = used {} + failed {}; {:.1} s; results in {}",
                 summary.name,

@@ -372,6 +372,14 @@ impl Location {
             .map_err(|source| io_error("read", self.url_of(path), source))
     }
 
+    /// Delete one object (missing is not an error: deleting is idempotent).
+    pub async fn delete(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(io_error("delete", self.url_of(path), source)),
+        }
+    }
+
     /// Size and modification time of one object.
     pub async fn head(&self, path: &Path) -> Result<ObjectMeta> {
         self.store

@@ -110,6 +110,26 @@ impl Model {
         vars
     }
 
+    /// Overwrite every variable with the tensor of the same name (a checkpoint's weights).
+    pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (name, mut var) in self.vs.variables() {
+            let t = by_name
+                .get(name.as_str())
+                .ok_or_else(|| format!("weights have no tensor '{name}'"))?;
+            if t.size() != var.size() {
+                return Err(format!(
+                    "tensor '{name}' has shape {:?}, the model expects {:?}",
+                    t.size(),
+                    var.size()
+                ));
+            }
+            tch::no_grad(|| var.copy_(&t.to_device(var.device())));
+        }
+        Ok(())
+    }
+
     /// Trainable parameters in a fixed (name) order, so that optimizer state lines up across runs.
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
         self.named_tensors()

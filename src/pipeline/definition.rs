@@ -48,6 +48,12 @@ pub struct Definition {
     /// Object store settings for every URL in the file (endpoint, region, retries, ...).
     #[serde(default)]
     pub storage: StoreOptions,
+    /// When and where checkpoints are written (docs/checkpoints.md).
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// The latent store: its memory budget, spill directory, and Z reuse across epochs.
+    #[serde(default)]
+    pub latent: LatentSpec,
     /// How `patchgd synth ultramnist --config FILE` generates this pipeline's data set.
     #[serde(default)]
     pub synth: Option<SynthSpec>,
@@ -132,6 +138,71 @@ impl ForegroundSpec {
             min_fraction: self.min_fraction,
         }
     }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// A checkpoint every this many optimizer steps (0: only at the end of the run).
+    #[serde(default = "default_every_steps")]
+    pub every_steps: u64,
+    /// Complete checkpoints kept; older ones are deleted.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Where checkpoints go; defaults to OUTPUT/checkpoints.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: default_every_steps(),
+            keep: default_keep(),
+            url: None,
+        }
+    }
+}
+
+fn default_every_steps() -> u64 {
+    100
+}
+fn default_keep() -> usize {
+    2
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatentSpec {
+    /// Take fill-pass cells from the store when written within `max_age_steps` optimizer steps.
+    #[serde(default)]
+    pub reuse: bool,
+    #[serde(default = "default_max_age")]
+    pub max_age_steps: u64,
+    /// MiB of latent grids kept in memory; the rest spills to `spill_dir`.
+    #[serde(default = "default_latent_budget")]
+    pub budget_mib: usize,
+    /// Local directory for spilled grids; defaults to a temporary directory.
+    #[serde(default)]
+    pub spill_dir: Option<String>,
+}
+
+impl Default for LatentSpec {
+    fn default() -> Self {
+        Self {
+            reuse: false,
+            max_age_steps: default_max_age(),
+            budget_mib: default_latent_budget(),
+            spill_dir: None,
+        }
+    }
+}
+
+fn default_max_age() -> u64 {
+    1000
+}
+fn default_latent_budget() -> usize {
+    256
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +443,14 @@ impl Definition {
         self.patch.stride.unwrap_or(self.patch.size)
     }
 
+    /// Where checkpoints go: `checkpoint.url`, or OUTPUT/checkpoints.
+    pub fn checkpoint_url(&self) -> String {
+        self.checkpoint
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("{}/checkpoints", self.output.trim_end_matches('/')))
+    }
+
     /// What the source stage needs from this file. GD reads each image whole, resized.
     pub fn stream_config(&self) -> StreamConfig {
         let (patch, stride, resize_to) = match self.method {
@@ -429,6 +508,9 @@ impl Definition {
                 "patch.foreground.min_fraction",
                 format!("is {f}; allowed: 0 to 1"),
             );
+        }
+        if self.checkpoint.keep == 0 {
+            return bad("checkpoint.keep", "must be at least 1".into());
         }
         if let Err(e) = self.storage.validate() {
             return bad("storage", e.to_string());

@@ -4,4 +4,4 @@ pub mod definition;
 pub mod runner;
 
 pub use definition::{Definition, DefinitionError};
-pub use runner::{RunError, RunSummary, run};
+pub use runner::{RunError, RunOptions, RunSummary, run, run_with};

@@ -16,6 +16,9 @@ use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
 use crate::source::{Catalog, Failure, Split, stream_images};
+use crate::state::LatentStore;
+use crate::state::checkpoint::{self, CheckpointError};
+use crate::state::resume::{TrainingState, inexact_change};
 use crate::storage::Location;
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
 use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
@@ -32,6 +35,101 @@ pub enum RunError {
     Device(String),
     #[error("cannot write {what}: {reason}")]
     Write { what: String, reason: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("cannot resume: {0}")]
+    Resume(String),
+}
+
+/// How to run beyond what the pipeline file says.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Draw a progress bar when stderr is a terminal.
+    pub show_progress: bool,
+    /// Delete existing checkpoints and start over instead of resuming.
+    pub fresh: bool,
+}
+
+/// Write one checkpoint: weights, optimizer, latents, then the state, then the manifest; keep
+/// the newest `keep`.
+async fn save(
+    root: &Location,
+    trainer: &Trainer,
+    state: &TrainingState,
+    keep: usize,
+) -> Result<(), RunError> {
+    let write_err = |what: &str, e: String| RunError::Write {
+        what: format!("checkpoint {what}"),
+        reason: e,
+    };
+    let model = weights::safetensors_bytes(&trainer.model.named_tensors())
+        .map_err(|e| write_err("weights", e.to_string()))?;
+    let optimizer = weights::safetensors_bytes(&trainer.optimizer.state())
+        .map_err(|e| write_err("optimizer", e.to_string()))?;
+    let mut latents = Vec::new();
+    trainer
+        .latents
+        .write_snapshot(|piece| {
+            latents.extend(piece);
+            Ok(())
+        })
+        .map_err(|e| write_err("latents", e.to_string()))?;
+    let json = serde_json::to_vec(state).expect("state to JSON");
+    checkpoint::write(
+        root,
+        state.optimizer_steps as u64,
+        vec![
+            ("model.safetensors".into(), model.into()),
+            ("optimizer.safetensors".into(), optimizer.into()),
+            ("latents.arrow".into(), latents.into()),
+            ("state.json".into(), json.into()),
+        ],
+    )
+    .await?;
+    checkpoint::prune(root, keep).await?;
+    Ok(())
+}
+
+/// Load a checkpoint into the trainer; refuse it when the pipeline changed in a way that would
+/// make the resumed run differ from an uninterrupted one.
+fn restore(
+    trainer: &mut Trainer,
+    loaded: &checkpoint::Loaded,
+    def: &Definition,
+) -> Result<TrainingState, RunError> {
+    let file = |name: &str| {
+        loaded.files.get(name).ok_or_else(|| {
+            RunError::Resume(format!(
+                "checkpoint step {} has no {name}",
+                loaded.manifest.step
+            ))
+        })
+    };
+    let state: TrainingState = serde_json::from_slice(file("state.json")?)
+        .map_err(|e| RunError::Resume(format!("state.json: {e}")))?;
+    if let Some(key) = inexact_change(&state.pipeline, def) {
+        return Err(RunError::Resume(format!(
+            "key '{key}' changed since the checkpoint was written, so the resumed run would differ from an uninterrupted one; restore it, use another output, or start over with --fresh"
+        )));
+    }
+    let tensors = |name: &str| {
+        weights::tensors_from_safetensors(file(name)?)
+            .map_err(|e| RunError::Resume(format!("{name}: {e}")))
+    };
+    trainer
+        .restore(
+            &tensors("model.safetensors")?,
+            &tensors("optimizer.safetensors")?,
+            state.optimizer_steps,
+            state.outer_steps,
+            state.rng,
+        )
+        .map_err(RunError::Resume)?;
+    trainer
+        .latents
+        .read_snapshot(&file("latents.arrow")?[..])
+        .map_err(|e| RunError::Resume(e.to_string()))?;
+    Ok(state)
 }
 
 /// What a run did, written as summary.json and returned to the caller.
@@ -121,8 +219,21 @@ impl Progress {
     }
 }
 
-/// Run a pipeline definition to the end. `show_progress` draws a bar when stderr is a terminal.
+/// Run a pipeline definition to the end, resuming from its newest checkpoint if there is one.
+/// `show_progress` draws a bar when stderr is a terminal.
 pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError> {
+    run_with(
+        def,
+        &RunOptions {
+            show_progress,
+            fresh: false,
+        },
+    )
+}
+
+/// [`run`] with options.
+pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, RunError> {
+    let show_progress = options.show_progress;
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -180,14 +291,55 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
             schedule,
             weight_decay: def.train.weight_decay,
             seed: def.train.seed,
+            reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
         },
+        LatentStore::new(
+            def.latent.budget_mib << 20,
+            def.latent.spill_dir.as_deref().map(std::path::Path::new),
+        )
+        .map_err(|e| RunError::Data(e.to_string()))?,
     );
     let stream_config = def.stream_config();
+    let ckpt_root = Location::parse_with(&def.checkpoint_url(), &def.storage)?;
     let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
     let mut used: BTreeSet<String> = BTreeSet::new();
     let mut last_eval = PassOutcome::default();
     let progress = Progress::new(show_progress, train_set.len() + val_set.len());
+    // Resume from the newest complete checkpoint, unless asked to start over.
+    let mut resumed: Option<TrainingState> = None;
+    if options.fresh {
+        let n = rt.block_on(checkpoint::delete_all(&ckpt_root))?;
+        if n > 0 {
+            progress.line(format!(
+                "--fresh: deleted {n} checkpoint files under {}",
+                ckpt_root.url
+            ));
+        }
+    } else {
+        let (loaded, skipped) = rt.block_on(checkpoint::newest(&ckpt_root))?;
+        for e in &skipped {
+            progress.line(format!("checkpoint not usable, trying an older one: {e}"));
+        }
+        if let Some(loaded) = loaded {
+            let state = restore(&mut trainer, &loaded, def)?;
+            progress.line(format!(
+                "resuming from {}/{} (optimizer step {}, epoch {}, {} of {} training images done)",
+                ckpt_root.url,
+                checkpoint::dir_name(loaded.manifest.step),
+                state.optimizer_steps,
+                state.epoch.min(def.train.epochs),
+                state.position,
+                train_set.len()
+            ));
+            metrics = state.metrics.clone();
+            errors = state.errors.clone();
+            used = state.used.iter().cloned().collect();
+            last_eval.predictions = state.last_predictions.clone();
+            resumed = Some(state);
+        }
+    }
+    let mut last_checkpoint_steps = trainer.optimizer.steps;
     progress.line(format!(
         "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}",
         def.name,
@@ -212,14 +364,66 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         }
     };
     stop_on_error(&errors)?;
-    for epoch in 1..=def.train.epochs {
+    let first_epoch = resumed.as_ref().map_or(1, |s| s.epoch);
+    for epoch in first_epoch..=def.train.epochs {
         let mut order = train_set.clone();
         Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
+        let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
+        // A resumed epoch skips the images its checkpoint had accounted for.
+        let (skip, start) = match resumed.take() {
+            Some(s) if s.epoch == epoch => {
+                if s.epoch_order != order_ids {
+                    return Err(RunError::Resume(format!(
+                        "the training images changed since the checkpoint (epoch {epoch} order differs); start over with --fresh"
+                    )));
+                }
+                (s.position, s.pass)
+            }
+            _ => (0, PassOutcome::default()),
+        };
         progress.start(format!("epoch {epoch}/{}", def.train.epochs), 0);
-        let rx = stream_images(images.clone(), order, stream_config.clone());
-        let train = trainer.run_pass(Phase::Train, rx, |n| progress.set(n));
+        let rx = stream_images(
+            images.clone(),
+            order[skip..].to_vec(),
+            stream_config.clone(),
+        );
+        let every = def.checkpoint.every_steps;
+        let train = trainer.run_pass(
+            Phase::Train,
+            rx,
+            start,
+            |n| progress.set(n),
+            |trainer: &Trainer, pass: &PassOutcome| -> Result<(), RunError> {
+                let steps = trainer.optimizer.steps;
+                if every == 0 || steps / every as i64 <= last_checkpoint_steps / every as i64 {
+                    return Ok(());
+                }
+                last_checkpoint_steps = steps;
+                let state = TrainingState {
+                    outer_steps: trainer.outer_steps,
+                    optimizer_steps: steps,
+                    rng: trainer.rng_state(),
+                    epoch,
+                    position: pass.images + pass.failures.len(),
+                    epoch_order: order_ids.clone(),
+                    pass: pass.clone(),
+                    metrics: metrics.clone(),
+                    errors: errors.clone(),
+                    used: used.iter().cloned().collect(),
+                    last_predictions: Vec::new(),
+                    pipeline: def.clone(),
+                };
+                rt.block_on(save(&ckpt_root, trainer, &state, def.checkpoint.keep))
+            },
+        )?;
         let rx = stream_images(images.clone(), val_set.clone(), stream_config.clone());
-        let eval = trainer.run_pass(Phase::Evaluate, rx, |n| progress.set(train_set.len() + n));
+        let eval = trainer.run_pass(
+            Phase::Evaluate,
+            rx,
+            PassOutcome::default(),
+            |n| progress.set(train_set.len() + n),
+            |_, _| Ok::<(), RunError>(()),
+        )?;
         if epoch == 1 {
             used.extend(train_set.iter().chain(&val_set).map(|e| e.image_id.clone()));
             for f in train.failures.iter().chain(&eval.failures) {
@@ -299,7 +503,9 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         }
     })?;
     let failed: BTreeSet<&str> = errors.iter().map(|(_, f)| f.image_id.as_str()).collect();
-    let last = metrics.last().expect("at least one epoch");
+    let Some(last) = metrics.last() else {
+        return Err(RunError::Data("the run has no completed epoch".into()));
+    };
     let summary = RunSummary {
         name: def.name.clone(),
         method: def.method,
@@ -318,6 +524,27 @@ pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError
         wall_seconds: started.elapsed().as_secs_f64(),
         output: output.url.clone(),
     };
+    // The final checkpoint: the finished run (resuming it only rewrites these outputs).
+    let final_state = TrainingState {
+        outer_steps: trainer.outer_steps,
+        optimizer_steps: trainer.optimizer.steps,
+        rng: trainer.rng_state(),
+        epoch: epochs + 1,
+        position: 0,
+        epoch_order: Vec::new(),
+        pass: PassOutcome::default(),
+        metrics: metrics.clone(),
+        errors: errors.clone(),
+        used: used.iter().cloned().collect(),
+        last_predictions: last_eval.predictions.clone(),
+        pipeline: def.clone(),
+    };
+    rt.block_on(save(
+        &ckpt_root,
+        &trainer,
+        &final_state,
+        def.checkpoint.keep,
+    ))?;
     rt.block_on(async {
         output
             .put(

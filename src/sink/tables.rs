@@ -14,7 +14,7 @@ use crate::source::Failure;
 use crate::train::Prediction;
 
 /// One row of metrics.parquet / metrics.csv.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: u64,
     pub train_loss: f64,

@@ -26,7 +26,7 @@ pub type Result<T, E = SourceError> = std::result::Result<T, E>;
 
 /// An image that could not be used, and why. Written to the run's errors table and counted:
 /// images seen = images used + failures.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub image_id: String,
     pub url: String,

@@ -24,6 +24,8 @@ pub fn gd_step(model: &Model, opt: &mut Adam, lr: f64, batch: &GridBatch) -> Ste
         logits: logits.detach(),
         optimizer_steps: 1,
         patch_passes: batch.batch_size() as usize,
+        z: tch::Tensor::new(),
+        cell_steps: Vec::new(),
     }
 }
 

@@ -68,6 +68,26 @@ impl Adam {
         });
     }
 
+    /// Restore the moments (as written by [`Adam::state`]) and the step count.
+    pub fn load_state(&mut self, steps: i64, state: &[(String, Tensor)]) -> Result<(), String> {
+        let by_name: std::collections::HashMap<&str, &Tensor> =
+            state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let t = by_name
+                    .get(key.as_str())
+                    .ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
+                if t.size() != p.size() {
+                    return Err(format!("optimizer tensor '{key}' has the wrong shape"));
+                }
+                tch::no_grad(|| slot.copy_(&t.to_device(p.device())));
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+
     /// Moments by parameter name (`m.NAME`, `v.NAME`), for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

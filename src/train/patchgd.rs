@@ -82,22 +82,47 @@ pub struct StepOutcome {
     pub optimizer_steps: usize,
     /// Backbone patch passes: fill and gradient passes together.
     pub patch_passes: usize,
+    /// Z after the step (B x K x D), detached: what the latent store keeps.
+    pub z: Tensor,
+    /// B x K: the optimizer step count whose weights computed each cell of `z`.
+    pub cell_steps: Vec<u64>,
+}
+
+/// Cells of Z taken from the latent store instead of being encoded in the fill pass.
+pub struct Reuse {
+    /// B x K x D: the stored vectors (anything where `compute` is true).
+    pub z: Tensor,
+    /// B x K bool: true where the fill must encode the patch.
+    pub compute: Tensor,
 }
 
 /// Encode every present patch with no gradient: B x K x D, no autograd graph; absent cells
-/// (mask 0) are zero and cost nothing. `chunk` bounds how many patches go through the backbone
-/// at once. BatchNorm follows `train` (METHOD.md keeps the backbone in training mode during the
-/// fill of a training step).
-pub fn fill(model: &Model, batch: &GridBatch, chunk: i64, train: bool) -> Tensor {
+/// (mask 0) are zero and cost nothing, reused cells come from `reuse`. `chunk` bounds how many
+/// patches go through the backbone at once. BatchNorm follows `train` (METHOD.md keeps the
+/// backbone in training mode during the fill of a training step). Returns Z and the number of
+/// patches encoded.
+pub fn fill(
+    model: &Model,
+    batch: &GridBatch,
+    chunk: i64,
+    train: bool,
+    reuse: Option<&Reuse>,
+) -> (Tensor, i64) {
     let size = batch.patches.size();
     let (b, k) = (size[0], size[1]);
+    let device = batch.patches.device();
     let flat = batch.patches.view([b * k, size[2], size[3], size[4]]);
-    let present = batch
-        .mask
-        .as_ref()
-        .map(|m| m.view([b * k]).nonzero().view([-1]));
-    let input = match &present {
-        Some(idx) => flat.index_select(0, idx),
+    let mut need = batch.mask.as_ref().map(|m| m.view([b * k]).gt(0.5));
+    if let Some(r) = reuse {
+        let c = r.compute.view([b * k]).to_device(device);
+        need = Some(match need {
+            Some(n) => n.logical_and(&c),
+            None => c,
+        });
+    }
+    let idx = need.map(|n| n.nonzero().view([-1]));
+    let input = match &idx {
+        Some(i) => flat.index_select(0, i),
         None => flat,
     };
     tch::no_grad(|| {
@@ -110,13 +135,16 @@ pub fn fill(model: &Model, batch: &GridBatch, chunk: i64, train: bool) -> Tensor
             start += len;
         }
         let d = model.spec.latent_dim;
-        let z = match (&present, outs.is_empty()) {
-            (None, _) => Tensor::cat(&outs, 0),
-            (Some(_), true) => Tensor::zeros([b * k, d], (Kind::Float, batch.patches.device())),
-            (Some(idx), false) => Tensor::zeros([b * k, d], (Kind::Float, batch.patches.device()))
-                .index_copy(0, idx, &Tensor::cat(&outs, 0)),
+        let base = || match reuse {
+            Some(r) => r.z.view([b * k, d]).to_device(device).to_kind(Kind::Float),
+            None => Tensor::zeros([b * k, d], (Kind::Float, device)),
         };
-        z.view([b, k, d])
+        let z = match (&idx, outs.is_empty()) {
+            (None, _) => Tensor::cat(&outs, 0),
+            (Some(_), true) => base(),
+            (Some(i), false) => base().index_copy(0, i, &Tensor::cat(&outs, 0)),
+        };
+        (z.view([b, k, d]), n)
     })
 }
 
@@ -156,7 +184,8 @@ pub fn inner_forward(
     (z_new, logits)
 }
 
-/// One outer step at learning rate `lr`.
+/// One outer step at learning rate `lr`. With `reuse`, the fill pass takes those cells from the
+/// latent store (`reuse_steps`: their writer steps, B x K) instead of encoding them.
 pub fn outer_step(
     model: &Model,
     opt: &mut Adam,
@@ -164,15 +193,37 @@ pub fn outer_step(
     batch: &GridBatch,
     plan: &StepPlan,
     fill_chunk: i64,
+    reuse: Option<(&Reuse, &[u64])>,
 ) -> StepOutcome {
     let b = batch.batch_size();
-    let mut z = fill(model, batch, fill_chunk, true);
-    let mut patch_passes = batch.present_cells() as usize;
+    let k = batch.cells();
+    let (mut z, encoded) = fill(model, batch, fill_chunk, true, reuse.map(|r| r.0));
+    let mut patch_passes = encoded as usize;
+    let now = opt.steps as u64;
+    let mut cell_steps: Vec<u64> = match reuse {
+        Some((r, stored)) => {
+            let compute: Vec<bool> =
+                Vec::try_from(r.compute.view([-1]).to_device(tch::Device::Cpu))
+                    .expect("mask to Vec");
+            compute
+                .iter()
+                .zip(stored)
+                .map(|(&c, &s)| if c { now } else { s })
+                .collect()
+        }
+        None => vec![now; (b * k) as usize],
+    };
     opt.zero_grad();
     let mut loss_sum = 0.0;
     let mut steps = 0;
     let mut last_logits = None;
     for (j, cells) in plan.chunks.iter().enumerate() {
+        let step = opt.steps as u64;
+        for image in 0..b as usize {
+            for &c in cells {
+                cell_steps[image * k as usize + c as usize] = step;
+            }
+        }
         let (z_new, logits) = inner_forward(model, batch, &z, cells);
         let loss = logits.cross_entropy_for_logits(&batch.labels);
         loss_sum += loss.double_value(&[]);
@@ -191,13 +242,18 @@ pub fn outer_step(
         logits: last_logits.expect("a plan has at least one chunk"),
         optimizer_steps: steps,
         patch_passes,
+        z,
+        cell_steps,
     }
 }
 
-/// Inference: fill Z with every patch (eval mode, no gradient), one head pass.
-pub fn predict(model: &Model, batch: &GridBatch, fill_chunk: i64) -> Tensor {
-    let z = fill(model, batch, fill_chunk, false);
-    tch::no_grad(|| model.classify_grid(&grid_view(&z, batch.rows, batch.cols), false))
+/// Inference: fill Z with every patch (eval mode, no gradient), one head pass. Returns the
+/// logits and Z.
+pub fn predict(model: &Model, batch: &GridBatch, fill_chunk: i64) -> (Tensor, Tensor) {
+    let (z, _) = fill(model, batch, fill_chunk, false, None);
+    let logits =
+        tch::no_grad(|| model.classify_grid(&grid_view(&z, batch.rows, batch.cols), false));
+    (logits, z)
 }
 
 /// Fraction of argmax predictions equal to the labels, as a count.

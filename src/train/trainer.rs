@@ -6,17 +6,18 @@
 
 use std::time::Instant;
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
 use super::gd::{gd_predict, gd_step};
 use super::optim::Adam;
-use super::patchgd::{GridBatch, correct, outer_step, predict};
+use super::patchgd::{GridBatch, Reuse, correct, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
 use crate::model::{Method, Model};
 use crate::patch::{ImageAssembler, ImagePatches};
 use crate::rng::Rng;
 use crate::source::{Failure, SourceItem};
+use crate::state::{LatentGrid, LatentStore};
 
 #[derive(Clone, Debug)]
 pub struct TrainerConfig {
@@ -28,6 +29,9 @@ pub struct TrainerConfig {
     pub schedule: LrSchedule,
     pub weight_decay: f64,
     pub seed: u64,
+    /// `latent.reuse`: fill-pass cells are taken from the latent store when they were written
+    /// at most this many optimizer steps ago; `None` recomputes every cell.
+    pub reuse_max_age: Option<u64>,
 }
 
 pub struct Trainer {
@@ -37,10 +41,14 @@ pub struct Trainer {
     rng: Rng,
     /// Outer steps taken (the schedule's position).
     pub outer_steps: u64,
+    /// Each image's latest Z (PatchGD), with the step that wrote each cell.
+    pub latents: LatentStore,
+    /// Fill-pass cells taken from the store instead of encoded (latent.reuse).
+    pub reused_cells: u64,
 }
 
 /// One prediction of an evaluation pass.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prediction {
     pub image_id: String,
     pub label: i64,
@@ -48,8 +56,8 @@ pub struct Prediction {
     pub probabilities: Vec<f32>,
 }
 
-/// What one pass over a stream did.
-#[derive(Debug, Default)]
+/// What one pass over a stream did (checkpointed mid-pass, so that a resumed pass adds up).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PassOutcome {
     pub images: usize,
     pub loss_sum: f64,
@@ -85,7 +93,7 @@ pub enum Phase {
 }
 
 impl Trainer {
-    pub fn new(model: Model, config: TrainerConfig) -> Self {
+    pub fn new(model: Model, config: TrainerConfig, latents: LatentStore) -> Self {
         let optimizer = Adam::new(model.trainable(), config.weight_decay);
         let rng = Rng::derive(config.seed, "patch-permutation", 0);
         Self {
@@ -94,6 +102,95 @@ impl Trainer {
             config,
             rng,
             outer_steps: 0,
+            latents,
+            reused_cells: 0,
+        }
+    }
+
+    /// The patch-permutation RNG's state (for checkpoints).
+    pub fn rng_state(&self) -> [u64; 4] {
+        self.rng.state()
+    }
+
+    /// Put the trainer back where a checkpoint left it.
+    pub fn restore(
+        &mut self,
+        weights: &[(String, tch::Tensor)],
+        optimizer: &[(String, tch::Tensor)],
+        optimizer_steps: i64,
+        outer_steps: u64,
+        rng: [u64; 4],
+    ) -> Result<(), String> {
+        self.model.load_named(weights)?;
+        self.optimizer.load_state(optimizer_steps, optimizer)?;
+        self.outer_steps = outer_steps;
+        self.rng = Rng::from_state(rng);
+        Ok(())
+    }
+
+    /// Stored cells young enough to replace the fill pass's, for a batch (latent.reuse).
+    fn reuse_for(&mut self, images: &[ImagePatches], k: usize) -> Option<(Reuse, Vec<u64>)> {
+        let max_age = self.config.reuse_max_age?;
+        let now = self.optimizer.steps as u64;
+        let d = self.model.spec.latent_dim as usize;
+        let mut z = vec![0f32; images.len() * k * d];
+        let mut compute = vec![true; images.len() * k];
+        let mut steps = vec![0u64; images.len() * k];
+        let mut any = false;
+        for (i, im) in images.iter().enumerate() {
+            let Ok(Some(grid)) = self.latents.get(&im.key.image_id) else {
+                continue;
+            };
+            if grid.cells() != k || grid.dim as usize != d {
+                continue;
+            }
+            for cell in 0..k {
+                if now.saturating_sub(grid.steps[cell]) <= max_age {
+                    let at = i * k + cell;
+                    z[at * d..(at + 1) * d].copy_from_slice(&grid.values[cell * d..(cell + 1) * d]);
+                    compute[at] = false;
+                    steps[at] = grid.steps[cell];
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return None;
+        }
+        self.reused_cells += compute.iter().filter(|c| !**c).count() as u64;
+        let b = images.len() as i64;
+        let device = self.device();
+        Some((
+            Reuse {
+                z: Tensor::from_slice(&z)
+                    .view([b, k as i64, d as i64])
+                    .to_device(device),
+                compute: Tensor::from_slice(&compute)
+                    .view([b, k as i64])
+                    .to_device(device),
+            },
+            steps,
+        ))
+    }
+
+    /// Keep each image's Z (B x K x D) with its cells' writer steps (B x K).
+    fn store_latents(&mut self, images: &[ImagePatches], z: &Tensor, steps: &[u64]) {
+        let size = z.size();
+        let (k, d) = (size[1] as usize, size[2] as usize);
+        let flat: Vec<f32> =
+            Vec::try_from(z.to_device(Device::Cpu).contiguous().view([-1])).expect("Z to Vec");
+        for (i, im) in images.iter().enumerate() {
+            let grid = LatentGrid {
+                rows: im.grid_rows as u32,
+                cols: im.grid_cols as u32,
+                dim: d as u32,
+                values: flat[i * k * d..(i + 1) * k * d].to_vec(),
+                steps: steps[i * k..(i + 1) * k].to_vec(),
+            };
+            if let Err(e) = self.latents.put(&im.key.image_id, grid) {
+                // The store is a cache of recomputable values: losing an entry costs time only.
+                eprintln!("latent store: {e}");
+            }
         }
     }
 
@@ -107,6 +204,10 @@ impl Trainer {
 
     /// One training step on a mini-batch. Returns (summed loss over images, correct, passes, steps).
     pub fn train_batch(&mut self, images: &[ImagePatches]) -> (f64, i64, usize, usize) {
+        // libtorch's own RNG (dropout in the head) is reseeded from (seed, step): tch cannot
+        // save its state, and this way a resumed run draws exactly what the original did.
+        let torch_seed = Rng::derive(self.config.seed, "torch-step", self.outer_steps).next_u64();
+        tch::manual_seed((torch_seed >> 1) as i64);
         let batch = self.to_batch(images);
         let lr = self.config.schedule.lr(self.outer_steps);
         let outcome = match self.model.spec.method {
@@ -117,32 +218,51 @@ impl Trainer {
                     self.config.accumulation,
                     &mut self.rng,
                 );
-                outer_step(
+                let reuse = self.reuse_for(images, batch.cells() as usize);
+                let outcome = outer_step(
                     &self.model,
                     &mut self.optimizer,
                     lr,
                     &batch,
                     &plan,
                     self.config.fill_chunk,
+                    reuse.as_ref().map(|(r, s)| (r, s.as_slice())),
+                );
+                self.store_latents(images, &outcome.z, &outcome.cell_steps);
+                (
+                    outcome.loss,
+                    outcome.logits,
+                    outcome.patch_passes,
+                    outcome.optimizer_steps,
                 )
             }
-            Method::Gd => gd_step(&self.model, &mut self.optimizer, lr, &batch),
+            Method::Gd => {
+                let o = gd_step(&self.model, &mut self.optimizer, lr, &batch);
+                (o.loss, o.logits, o.patch_passes, o.optimizer_steps)
+            }
         };
+        let (loss, logits, patch_passes, optimizer_steps) = outcome;
         self.outer_steps += 1;
         let n = images.len() as f64;
         (
-            outcome.loss * n,
-            correct(&outcome.logits, &batch.labels),
-            outcome.patch_passes,
-            outcome.optimizer_steps,
+            loss * n,
+            correct(&logits, &batch.labels),
+            patch_passes,
+            optimizer_steps,
         )
     }
 
     /// Inference on a mini-batch: (summed loss, predictions, patch passes).
-    pub fn predict_batch(&self, images: &[ImagePatches]) -> (f64, Vec<Prediction>, usize) {
+    pub fn predict_batch(&mut self, images: &[ImagePatches]) -> (f64, Vec<Prediction>, usize) {
         let batch = self.to_batch(images);
         let logits = match self.model.spec.method {
-            Method::Patchgd => predict(&self.model, &batch, self.config.fill_chunk),
+            Method::Patchgd => {
+                let (logits, z) = predict(&self.model, &batch, self.config.fill_chunk);
+                let step = self.optimizer.steps as u64;
+                let cells = (batch.batch_size() * batch.cells()) as usize;
+                self.store_latents(images, &z, &vec![step; cells]);
+                logits
+            }
             Method::Gd => gd_predict(&self.model, &batch),
         };
         let loss = tch::no_grad(|| {
@@ -177,23 +297,30 @@ impl Trainer {
         )
     }
 
-    /// Consume a patch stream to its end: train on it or evaluate it. `progress` is called with
-    /// the number of images accounted for so far (used + failed).
-    pub fn run_pass(
+    /// Consume a patch stream to its end: train on it or evaluate it, continuing `start` (the
+    /// outcome so far of a pass resumed from a checkpoint; default for a new pass). `progress`
+    /// is called with the number of images accounted for so far (used + failed). In training,
+    /// `at_step` is called at every outer-step boundary where no image is half-consumed: every
+    /// image before it is in `out` (used or failed), none after it has started.
+    pub fn run_pass<E>(
         &mut self,
         phase: Phase,
         mut rx: mpsc::Receiver<SourceItem>,
+        start: PassOutcome,
         mut progress: impl FnMut(usize),
-    ) -> PassOutcome {
-        let start = Instant::now();
-        let mut out = PassOutcome::default();
+        mut at_step: impl FnMut(&Trainer, &PassOutcome) -> Result<(), E>,
+    ) -> Result<PassOutcome, E> {
+        let started = Instant::now();
+        let base_seconds = start.seconds;
+        let mut out = start;
         let mut assembler = ImageAssembler::default();
         let mut pending: Vec<ImagePatches> = Vec::new();
-        let flush = |trainer: &mut Trainer,
-                     pending: &mut Vec<ImagePatches>,
-                     out: &mut PassOutcome| {
+        let mut flush = |trainer: &mut Trainer,
+                         pending: &mut Vec<ImagePatches>,
+                         out: &mut PassOutcome|
+         -> Result<(), E> {
             if pending.is_empty() {
-                return;
+                return Ok(());
             }
             match phase {
                 Phase::Train => {
@@ -213,6 +340,11 @@ impl Trainer {
             }
             out.images += pending.len();
             pending.clear();
+            out.seconds = base_seconds + started.elapsed().as_secs_f64();
+            if phase == Phase::Train {
+                at_step(trainer, out)?;
+            }
+            Ok(())
         };
         while let Some(item) = rx.blocking_recv() {
             match item {
@@ -233,11 +365,11 @@ impl Trainer {
                                     )
                             });
                             if !same_shape {
-                                flush(self, &mut pending, &mut out);
+                                flush(self, &mut pending, &mut out)?;
                             }
                             pending.push(image);
                             if pending.len() == self.config.batch_size {
-                                flush(self, &mut pending, &mut out);
+                                flush(self, &mut pending, &mut out)?;
                             }
                         }
                     }
@@ -251,7 +383,7 @@ impl Trainer {
             }
             progress(out.images + pending.len() + out.failures.len());
         }
-        flush(self, &mut pending, &mut out);
+        flush(self, &mut pending, &mut out)?;
         for id in assembler.incomplete() {
             out.failures.push(Failure {
                 image_id: id,
@@ -261,7 +393,7 @@ impl Trainer {
             });
         }
         progress(out.images + out.failures.len());
-        out.seconds = start.elapsed().as_secs_f64();
-        out
+        out.seconds = base_seconds + started.elapsed().as_secs_f64();
+        Ok(out)
     }
 }

@@ -67,7 +67,7 @@ fn z_cell_r_c_holds_patch_r_c() {
     let img = image(2, 3, 0, 1);
     let batch = GridBatch::from_images(&[img], Device::Cpu);
     // eval mode: each patch's vector does not depend on the others in its chunk.
-    let z = grid_view(&fill(&m, &batch, 4, false), 2, 3);
+    let z = grid_view(&fill(&m, &batch, 4, false, None).0, 2, 3);
     assert_eq!(z.size(), vec![1, 8, 2, 3]);
     for r in 0..2 {
         for c in 0..3 {
@@ -93,7 +93,7 @@ fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_car
     let batch = GridBatch::from_images(&[image(3, 3, 1, 2), image(3, 3, 2, 3)], Device::Cpu);
     let patches = batch.patches.detach().set_requires_grad(true);
     let batch = GridBatch { patches, ..batch };
-    let z = fill(&m, &batch, 5, true);
+    let z = fill(&m, &batch, 5, true, None).0;
     assert!(!z.requires_grad(), "the fill pass must build no graph");
     let sampled = [0i64, 4, 8];
     let (_, logits) = inner_forward(&m, &batch, &z, &sampled);
@@ -145,7 +145,7 @@ fn optimizer_steps_once_per_outer_step_with_epsilon_zeta_and_every_chunk_with_on
         let mut opt = Adam::new(m.trainable(), 0.0);
         let plan = plan_outer_step(16, 0.25, acc, &mut Rng::new(1));
         let before = weights(&m);
-        let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8);
+        let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None);
         assert_eq!(
             (out.optimizer_steps, opt.steps),
             (expected, expected as i64),
@@ -169,7 +169,7 @@ fn optimizer_still_steps_when_fewer_chunks_than_zeta() {
     let plan = plan_outer_step(4, 0.3, Accumulation::Zeta, &mut Rng::new(2));
     assert_eq!(plan.chunks.len(), 2);
     let before = weights(&m);
-    let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8);
+    let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None);
     assert_eq!(out.optimizer_steps, 1);
     assert!(
         !weights(&m).allclose(&before, 0.0, 0.0, false),
@@ -225,7 +225,7 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
     let batch = GridBatch::from_images(&[a, b], Device::Cpu);
     assert_eq!(batch.present_cells(), 10);
     let m = model(2);
-    let z = fill(&m, &batch, 3, false);
+    let z = fill(&m, &batch, 3, false, None).0;
     let norms = z.abs().sum_dim_intlist(-1, false, Kind::Float);
     for cell in 0..6 {
         let zero = norms.double_value(&[0, cell]) == 0.0;
@@ -239,7 +239,7 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
         labels: batch.labels.shallow_clone(),
         ..batch
     };
-    let all = fill(&m, &unmasked, 3, false);
+    let all = fill(&m, &unmasked, 3, false, None).0;
     assert!(all.get(1).allclose(&z.get(1), 1e-5, 1e-6, false));
     // An inner iteration that samples absent cells leaves them zero.
     let (z_new, _) = inner_forward(&m, &batch, &z, &[1, 2, 4]);

@@ -159,7 +159,7 @@ fn corrupt_and_unlabelled_images_are_reported_counted_and_skipped() {
         "{rows:?}"
     );
     // With on_error: stop the same data ends the run, naming the image.
-    let yaml = pipeline_yaml(&images, &labels, &out, 16, 1, "")
+    let yaml = pipeline_yaml(&images, &labels, &format!("{out}-stop"), 16, 1, "")
         .replace("channels: 1", "channels: 1\n  on_error: stop");
     let e = run(&Definition::from_yaml(&yaml, "p.yaml").unwrap(), false)
         .unwrap_err()
@@ -205,7 +205,16 @@ fn json_schema_lists_exactly_the_keys_the_parser_accepts() {
     };
     assert_eq!(allowed_keys(""), keys(&schema), "top level");
     for section in [
-        "source", "patch", "model", "patchgd", "gd", "train", "synth", "storage",
+        "source",
+        "patch",
+        "model",
+        "patchgd",
+        "gd",
+        "train",
+        "synth",
+        "storage",
+        "checkpoint",
+        "latent",
     ] {
         assert_eq!(
             allowed_keys(section),

@@ -1,0 +1,209 @@
+//! Checkpoints and exact resume: a run killed with SIGKILL and resumed ends bit-identical to an
+//! uninterrupted one; a corrupt newest checkpoint falls back to an older one and still ends the
+//! same; a changed pipeline file is refused by key; `--fresh` starts over.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Float64Array, UInt64Array};
+use patchgd::pipeline::{Definition, RunOptions, run_with};
+use patchgd::rng::Rng;
+use patchgd::state::checkpoint;
+use patchgd::storage::Location;
+
+use crate::common::{pipeline_yaml, read_parquet, square_dataset};
+
+/// A small file:// data set and a pipeline over it with a checkpoint after every optimizer step
+/// and latent reuse on (so that a resume also depends on the restored latent store).
+fn setup(dir: &std::path::Path, name: &str, out: &str) -> std::path::PathBuf {
+    let root = dir.join("data").display().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 24, 8, 5));
+    let yaml = pipeline_yaml(&images, &labels, out, 16, 3, "")
+        .replace("batch_size: 8", "batch_size: 4")
+        + "checkpoint:\n  every_steps: 1\n  keep: 2\nlatent:\n  reuse: true\n  max_age_steps: 6\n";
+    let file = dir.join(name);
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+fn patchgd(file: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_patchgd"));
+    c.args(["run", file.to_str().unwrap(), "--no-progress"]);
+    c
+}
+
+/// Metrics without the timing and memory columns (those differ between any two runs).
+fn metrics(out: &str) -> Vec<Vec<String>> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let batches = rt.block_on(read_parquet(
+        &Location::parse(out).unwrap(),
+        "metrics.parquet",
+    ));
+    let b = &batches[0];
+    let mut rows = vec![Vec::new(); b.num_rows()];
+    for name in [
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_qwk",
+        "lr",
+        "optimizer_steps",
+    ] {
+        let col = b.column_by_name(name).unwrap();
+        for (i, row) in rows.iter_mut().enumerate() {
+            let v = if let Some(f) = col.as_any().downcast_ref::<Float64Array>() {
+                format!("{:?}", f.value(i))
+            } else {
+                col.as_any()
+                    .downcast_ref::<UInt64Array>()
+                    .unwrap()
+                    .value(i)
+                    .to_string()
+            };
+            row.push(format!("{name}={v}"));
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_bit_identical_weights_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference_out = dir.path().join("reference").display().to_string();
+    let killed_out = dir.path().join("killed").display().to_string();
+    let reference = setup(dir.path(), "reference.yaml", &reference_out);
+    let killed = setup(dir.path(), "killed.yaml", &killed_out);
+
+    let started = Instant::now();
+    let status = patchgd(&reference).output().unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let full = started.elapsed();
+
+    // Kill at a (seeded) random moment after the first checkpoint exists.
+    let mut child = patchgd(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = Location::parse(&format!("{killed_out}/checkpoints")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let waiting = Instant::now();
+    while rt
+        .block_on(checkpoint::complete_steps(&ckpt))
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delay = Rng::new(2026).unit() * full.as_secs_f64() * 0.4;
+    std::thread::sleep(Duration::from_secs_f64(delay));
+    child.kill().unwrap(); // SIGKILL
+    let killed_status = child.wait().unwrap();
+    assert!(
+        !killed_status.success(),
+        "the run finished before it was killed; the test proves nothing"
+    );
+    let steps_at_kill = rt.block_on(checkpoint::complete_steps(&ckpt)).unwrap();
+    assert!(!steps_at_kill.is_empty());
+
+    let resumed = patchgd(&killed).output().unwrap();
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{log}");
+    assert!(log.contains("resuming from"), "{log}");
+
+    let weights = |out: &str| std::fs::read(format!("{out}/model.safetensors")).unwrap();
+    assert!(
+        weights(&reference_out) == weights(&killed_out),
+        "weights differ after resuming from step {steps_at_kill:?}"
+    );
+    assert_eq!(metrics(&reference_out), metrics(&killed_out));
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_an_older_one_and_still_ends_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let file = setup(dir.path(), "p.yaml", &out);
+    let def = Definition::from_file(&file).unwrap();
+    let quiet = RunOptions::default();
+    run_with(&def, &quiet).unwrap();
+    let first = std::fs::read(format!("{out}/model.safetensors")).unwrap();
+    let ckpt = Location::parse(&format!("{out}/checkpoints")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let steps = rt.block_on(checkpoint::complete_steps(&ckpt)).unwrap();
+    assert_eq!(steps.len(), 2, "keep: 2");
+    // Newest (the finished run): one flipped byte. Plus a newer directory with no manifest,
+    // as a crash while writing leaves it.
+    let newest = format!(
+        "{out}/checkpoints/{}/model.safetensors",
+        checkpoint::dir_name(steps[0])
+    );
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&newest, bytes).unwrap();
+    let partial = dir
+        .path()
+        .join(format!("run/checkpoints/{}", checkpoint::dir_name(10_000)));
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.safetensors"), b"half").unwrap();
+    let (loaded, skipped) = rt.block_on(checkpoint::newest(&ckpt)).unwrap();
+    assert_eq!(loaded.unwrap().manifest.step, steps[1]);
+    let message = skipped[0].to_string();
+    assert!(
+        message.contains(&checkpoint::dir_name(steps[0]))
+            && message.contains("model.safetensors")
+            && message.contains("checksum"),
+        "{message}"
+    );
+    // Resuming from the older checkpoint redoes the last step and ends identical.
+    std::fs::remove_file(format!("{out}/model.safetensors")).unwrap();
+    run_with(&def, &quiet).unwrap();
+    assert!(std::fs::read(format!("{out}/model.safetensors")).unwrap() == first);
+}
+
+#[test]
+fn a_changed_pipeline_is_refused_by_key_and_fresh_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let file = setup(dir.path(), "p.yaml", &out);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let quiet = RunOptions::default();
+    let short = Definition::from_yaml_with_overrides(&text, "p.yaml", &["train.epochs=1"]).unwrap();
+    run_with(&short, &quiet).unwrap();
+    let changed =
+        Definition::from_yaml_with_overrides(&text, "p.yaml", &["train.epochs=1", "train.lr=0.01"])
+            .unwrap();
+    let err = run_with(&changed, &quiet).unwrap_err().to_string();
+    assert!(
+        err.contains("'train.lr'") && err.contains("--fresh"),
+        "{err}"
+    );
+    // Harmless changes resume (here: the finished run, whose outputs are written again).
+    let harmless = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &["train.epochs=1", "source.decode_workers=1", "name=renamed"],
+    )
+    .unwrap();
+    let again = run_with(&harmless, &quiet).unwrap();
+    let before = run_with(&short, &quiet).unwrap();
+    assert_eq!(again.final_val_accuracy, before.final_val_accuracy);
+    // --fresh deletes the checkpoints and trains the changed pipeline from scratch.
+    let fresh = RunOptions {
+        fresh: true,
+        ..Default::default()
+    };
+    run_with(&changed, &fresh).unwrap();
+}
