@@ -155,6 +155,11 @@ pub struct RunSummary {
     pub final_val_loss: f64,
     pub wall_seconds: f64,
     pub output: String,
+    /// Fill-pass cells taken from the latent store instead of encoded (`latent.reuse`), in this
+    /// process (a resumed run counts from its resume).
+    pub latent_cells_reused: u64,
+    /// Images whose Z the latent store holds at the end.
+    pub latent_images: usize,
 }
 
 pub fn choose_device(choice: DeviceChoice) -> Result<Device, RunError> {
@@ -323,15 +328,22 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         }
         if let Some(loaded) = loaded {
             let state = restore(&mut trainer, &loaded, def)?;
-            progress.line(format!(
-                "resuming from {}/{} (optimizer step {}, epoch {}, {} of {} training images done)",
+            let at = format!(
+                "{}/{}",
                 ckpt_root.url,
-                checkpoint::dir_name(loaded.manifest.step),
-                state.optimizer_steps,
-                state.epoch.min(def.train.epochs),
-                state.position,
-                train_set.len()
-            ));
+                checkpoint::dir_name(loaded.manifest.step)
+            );
+            progress.line(if state.epoch > def.train.epochs {
+                format!("the run already finished ({at}); writing its outputs again (--fresh trains anew)")
+            } else {
+                format!(
+                    "resuming from {at} (optimizer step {}, epoch {}, {} of {} training images done)",
+                    state.optimizer_steps,
+                    state.epoch,
+                    state.position,
+                    train_set.len()
+                )
+            });
             metrics = state.metrics.clone();
             errors = state.errors.clone();
             used = state.used.iter().cloned().collect();
@@ -523,6 +535,8 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         final_val_loss: last.val_loss,
         wall_seconds: started.elapsed().as_secs_f64(),
         output: output.url.clone(),
+        latent_cells_reused: trainer.reused_cells,
+        latent_images: trainer.latents.len(),
     };
     // The final checkpoint: the finished run (resuming it only rewrites these outputs).
     let final_state = TrainingState {

@@ -207,3 +207,47 @@ fn a_changed_pipeline_is_refused_by_key_and_fresh_starts_over() {
     };
     run_with(&changed, &fresh).unwrap();
 }
+
+#[test]
+fn latent_reuse_takes_fill_cells_from_the_store_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let file = setup(dir.path(), "p.yaml", &out);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let quiet = RunOptions::default();
+    let on = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &["train.epochs=2", "latent.max_age_steps=1000"],
+    )
+    .unwrap();
+    let s = run_with(&on, &quiet).unwrap();
+    // 24 train + 8 val images, each a 2 x 2 grid: the store holds all 32.
+    assert_eq!(s.latent_images, 32);
+    // Epoch 2 finds every train image's cells from epoch 1: 24 x 4 cells reused.
+    assert_eq!(s.latent_cells_reused, 24 * 4);
+    // Cells are at least one step old by then: an age limit of 0 reuses none.
+    let strict = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &[
+            "train.epochs=2",
+            "latent.max_age_steps=0",
+            &format!("output={out}-strict"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(run_with(&strict, &quiet).unwrap().latent_cells_reused, 0);
+    let off = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &[
+            "train.epochs=2",
+            "latent.reuse=false",
+            &format!("output={out}-off"),
+        ],
+    )
+    .unwrap();
+    let s = run_with(&off, &quiet).unwrap();
+    assert_eq!((s.latent_cells_reused, s.latent_images), (0, 32));
+}

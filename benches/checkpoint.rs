@@ -1,0 +1,106 @@
+//! Checkpoint cost: time and bytes to write and to read back a checkpoint holding the latents of
+//! 10,000 images at D = 256 on a 16 x 16 grid (k = 16), on file://. The latent store keeps
+//! 1 GiB in memory and spills the rest, as in a real run. Weights are left out: they are
+//! megabytes (small CNN ~1 MB, resnet50 ~100 MB) next to 2.6 GB of latents.
+//!
+//! `scripts/bench` runs it in full; under `cargo test` (no `--bench`) it runs 50 images.
+
+use std::time::Instant;
+
+use patchgd::state::checkpoint;
+use patchgd::state::{LatentGrid, LatentStore};
+use patchgd::storage::Location;
+
+const DIM: u32 = 256;
+const K: u32 = 16;
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let images = if full { 10_000 } else { 50 };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LatentStore::new(1 << 30, Some(&dir.path().join("spill"))).unwrap();
+    let cells = (K * K) as usize;
+    let fill_started = Instant::now();
+    for i in 0..images {
+        let values: Vec<f32> = (0..cells * DIM as usize)
+            .map(|j| ((i * 7919 + j) % 1000) as f32 * 1e-3)
+            .collect();
+        let grid = LatentGrid {
+            rows: K,
+            cols: K,
+            dim: DIM,
+            values,
+            steps: vec![i as u64; cells],
+        };
+        store.put(&format!("train/{i:06}"), grid).unwrap();
+    }
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    let root = Location::parse(dir.path().join("checkpoints").to_str().unwrap()).unwrap();
+
+    let started = Instant::now();
+    let mut latents = Vec::new();
+    store
+        .write_snapshot(|piece| {
+            latents.extend(piece);
+            Ok(())
+        })
+        .unwrap();
+    let snapshot_s = started.elapsed().as_secs_f64();
+    let bytes = latents.len() as u64;
+    rt.block_on(checkpoint::write(
+        &root,
+        1,
+        vec![
+            ("latents.arrow".into(), latents.into()),
+            ("state.json".into(), b"{}".to_vec().into()),
+        ],
+    ))
+    .unwrap();
+    let write_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let loaded = rt.block_on(checkpoint::read(&root, 1)).unwrap();
+    let read_s = started.elapsed().as_secs_f64();
+    let mut restored = LatentStore::new(1 << 30, Some(&dir.path().join("spill2"))).unwrap();
+    restored
+        .read_snapshot(&loaded.files["latents.arrow"][..])
+        .unwrap();
+    let restore_s = started.elapsed().as_secs_f64();
+    assert_eq!(restored.len(), images);
+
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "Checkpoint of {images} images' latents (D = {DIM}, {K} x {K} cells), file://, store budget 1 GiB ({} spilled; filling it took {fill_s:.1} s)",
+        store.spilled()
+    );
+    println!("{:<44} {:>10} {:>10} {:>10}", "", "seconds", "MB", "MB/s");
+    println!(
+        "{:<44} {:>10.2} {:>10.1} {:>10.0}",
+        "write: snapshot to Arrow IPC",
+        snapshot_s,
+        mb,
+        mb / snapshot_s
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.1} {:>10.0}",
+        "write: + CRC-32 and put, manifest last",
+        write_s,
+        mb,
+        mb / write_s
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.1} {:>10.0}",
+        "read: get + verify CRC-32",
+        read_s,
+        mb,
+        mb / read_s
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.1} {:>10.0}",
+        "read: + restore into the store (spilling)",
+        restore_s,
+        mb,
+        mb / restore_s
+    );
+}
