@@ -383,7 +383,8 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
         // A resumed epoch skips the images its checkpoint had accounted for.
         let (skip, start) = match resumed.take() {
-            Some(s) if s.epoch == epoch => {
+            // (A finished run's state has no order: training longer starts a new epoch.)
+            Some(s) if s.epoch == epoch && !s.epoch_order.is_empty() => {
                 if s.epoch_order != order_ids {
                     return Err(RunError::Resume(format!(
                         "the training images changed since the checkpoint (epoch {epoch} order differs); start over with --fresh"

@@ -200,6 +200,56 @@ fn a_changed_pipeline_is_refused_by_key_and_fresh_starts_over() {
     let again = run_with(&harmless, &quiet).unwrap();
     let before = run_with(&short, &quiet).unwrap();
     assert_eq!(again.final_val_accuracy, before.final_val_accuracy);
+    // With an explicit decay horizon, a finished run can be continued for more epochs.
+    let out2 = format!("{out}-longer");
+    let one = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &[
+            "train.epochs=1",
+            "train.decay_epochs=4",
+            &format!("output={out2}"),
+        ],
+    )
+    .unwrap();
+    run_with(&one, &quiet).unwrap();
+    let two = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &[
+            "train.epochs=2",
+            "train.decay_epochs=4",
+            &format!("output={out2}"),
+        ],
+    )
+    .unwrap();
+    let s = run_with(&two, &quiet).unwrap();
+    assert_eq!(s.epochs, 2);
+    let rows = metrics(&out2);
+    assert_eq!(
+        rows.len(),
+        2,
+        "epoch 1 kept from the checkpoint, epoch 2 trained"
+    );
+    // ... and it is exact: the same as training 2 epochs at once.
+    let out3 = format!("{out}-direct");
+    let direct = Definition::from_yaml_with_overrides(
+        &text,
+        "p.yaml",
+        &[
+            "train.epochs=2",
+            "train.decay_epochs=4",
+            &format!("output={out3}"),
+        ],
+    )
+    .unwrap();
+    run_with(&direct, &quiet).unwrap();
+    let weights = |o: &str| std::fs::read(format!("{o}/model.safetensors")).unwrap();
+    assert!(
+        weights(&out2) == weights(&out3),
+        "continued run differs from a direct one"
+    );
+    assert_eq!(metrics(&out2), metrics(&out3));
     // --fresh deletes the checkpoints and trains the changed pipeline from scratch.
     let fresh = RunOptions {
         fresh: true,
