@@ -230,7 +230,8 @@ impl Location {
         }
         .map_err(|e| bad(&e.to_string()))?;
         Ok(Self {
-            store: Arc::new(LocalFileSystem::new()),
+            // Deleting the last file of a directory removes the directory (pruned checkpoints).
+            store: Arc::new(LocalFileSystem::new().with_automatic_cleanup(true)),
             prefix,
             url: trimmed,
         })

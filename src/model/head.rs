@@ -2,8 +2,12 @@
 //! Conv -> ReLU -> BatchNorm -> Dropout2d(0.2); then adaptive average pooling (so any grid size
 //! works) and Linear(width -> classes).
 
+use std::cell::RefCell;
+
 use tch::Tensor;
 use tch::nn;
+
+use crate::rng::Rng;
 
 #[derive(Debug)]
 struct Block {
@@ -15,6 +19,9 @@ struct Block {
 pub struct Head {
     blocks: Vec<Block>,
     classifier: nn::Linear,
+    /// Dropout masks come from our own generator, not libtorch's process-wide one: its state
+    /// is plain data (resumable) and two runs in one process cannot disturb each other.
+    dropout_rng: RefCell<Rng>,
 }
 
 pub const HEAD_DROPOUT: f64 = 0.2;
@@ -37,18 +44,45 @@ impl Head {
             })
             .collect();
         let classifier = nn::linear(p / "classifier", width, classes, Default::default());
-        Self { blocks, classifier }
+        Self {
+            blocks,
+            classifier,
+            dropout_rng: RefCell::new(Rng::new(0)),
+        }
+    }
+
+    /// Start the dropout masks from a known state (the trainer does so before every outer step).
+    pub fn reseed_dropout(&self, rng: Rng) {
+        *self.dropout_rng.borrow_mut() = rng;
+    }
+
+    /// Dropout2d: zero whole channels with probability p, scale the rest by 1 / (1 - p).
+    fn channel_dropout(&self, x: &Tensor) -> Tensor {
+        let s = x.size();
+        let mut rng = self.dropout_rng.borrow_mut();
+        let keep = 1.0 / (1.0 - HEAD_DROPOUT);
+        let mask: Vec<f32> = (0..s[0] * s[1])
+            .map(|_| {
+                if rng.unit() < HEAD_DROPOUT {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
+            .collect();
+        x * Tensor::from_slice(&mask)
+            .view([s[0], s[1], 1, 1])
+            .to_device(x.device())
     }
 
     /// `z`: B x D x rows x cols. Returns B x classes logits.
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Tensor {
         let mut x = z.shallow_clone();
         for b in &self.blocks {
-            x = x
-                .apply(&b.conv)
-                .relu()
-                .apply_t(&b.bn, train)
-                .feature_dropout(HEAD_DROPOUT, train);
+            x = x.apply(&b.conv).relu().apply_t(&b.bn, train);
+            if train {
+                x = self.channel_dropout(&x);
+            }
         }
         x.adaptive_avg_pool2d([1, 1])
             .flatten(1, -1)

@@ -110,6 +110,22 @@ impl Model {
         vars
     }
 
+    /// Build with initial weights drawn from libtorch's generator seeded with `seed`, under a
+    /// process-wide lock so that models built on other threads cannot interleave their draws.
+    pub fn seeded(spec: ModelSpec, device: Device, seed: u64) -> Self {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed as i64);
+        Self::new(spec, device)
+    }
+
+    /// Start the head's dropout masks from a known state.
+    pub fn reseed_dropout(&self, rng: crate::rng::Rng) {
+        if let Some(h) = &self.head {
+            h.reseed_dropout(rng);
+        }
+    }
+
     /// Overwrite every variable with the tensor of the same name (a checkpoint's weights).
     pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), String> {
         let by_name: std::collections::HashMap<&str, &Tensor> =

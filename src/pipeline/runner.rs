@@ -74,7 +74,9 @@ async fn save(
             Ok(())
         })
         .map_err(|e| write_err("latents", e.to_string()))?;
-    let json = serde_json::to_vec(state).expect("state to JSON");
+    // YAML, not JSON: its floats round-trip exactly (shortest repr out, correctly rounded in),
+    // and NaN (a loss over no images) is representable.
+    let yaml = serde_norway::to_string(state).expect("state to YAML");
     checkpoint::write(
         root,
         state.optimizer_steps as u64,
@@ -82,7 +84,7 @@ async fn save(
             ("model.safetensors".into(), model.into()),
             ("optimizer.safetensors".into(), optimizer.into()),
             ("latents.arrow".into(), latents.into()),
-            ("state.json".into(), json.into()),
+            ("state.yaml".into(), yaml.into_bytes().into()),
         ],
     )
     .await?;
@@ -105,8 +107,8 @@ fn restore(
             ))
         })
     };
-    let state: TrainingState = serde_json::from_slice(file("state.json")?)
-        .map_err(|e| RunError::Resume(format!("state.json: {e}")))?;
+    let state: TrainingState = serde_norway::from_slice(file("state.yaml")?)
+        .map_err(|e| RunError::Resume(format!("state.yaml: {e}")))?;
     if let Some(key) = inexact_change(&state.pipeline, def) {
         return Err(RunError::Resume(format!(
             "key '{key}' changed since the checkpoint was written, so the resumed run would differ from an uninterrupted one; restore it, use another output, or start over with --fresh"
@@ -270,7 +272,6 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         )));
     }
     let device = choose_device(def.train.device)?;
-    tch::manual_seed(def.train.seed as i64);
     let spec = ModelSpec {
         method: def.method,
         backbone: def.model.backbone,
@@ -287,7 +288,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
             .round() as u64,
     };
     let mut trainer = Trainer::new(
-        Model::new(spec, device),
+        Model::seeded(spec, device, def.train.seed),
         TrainerConfig {
             batch_size: def.train.batch_size,
             sampling_fraction: def.patchgd.sampling_fraction,

@@ -58,7 +58,8 @@ pub async fn write(root: &Location, step: u64, files: Vec<(String, Bytes)>) -> R
     let dir = dir_name(step);
     // Rewriting a step (the final checkpoint at a step an earlier one had): the old manifest
     // goes first, so the directory is never complete-looking while its files change.
-    root.delete(&root.path(&format!("{dir}/{MANIFEST}"))).await?;
+    root.delete(&root.path(&format!("{dir}/{MANIFEST}")))
+        .await?;
     let mut entries = Vec::new();
     for (name, bytes) in files {
         entries.push(FileEntry {

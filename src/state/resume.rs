@@ -1,4 +1,4 @@
-//! What a checkpoint holds besides tensors (`state.json`), and the rule that decides whether a
+//! What a checkpoint holds besides tensors (`state.yaml`), and the rule that decides whether a
 //! pipeline file may resume a checkpoint: only when every setting that shapes the training
 //! trajectory is unchanged.
 

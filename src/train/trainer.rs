@@ -204,10 +204,13 @@ impl Trainer {
 
     /// One training step on a mini-batch. Returns (summed loss over images, correct, passes, steps).
     pub fn train_batch(&mut self, images: &[ImagePatches]) -> (f64, i64, usize, usize) {
-        // libtorch's own RNG (dropout in the head) is reseeded from (seed, step): tch cannot
-        // save its state, and this way a resumed run draws exactly what the original did.
-        let torch_seed = Rng::derive(self.config.seed, "torch-step", self.outer_steps).next_u64();
-        tch::manual_seed((torch_seed >> 1) as i64);
+        // Dropout masks start from (seed, step): a resumed run draws exactly what the
+        // original did, with no generator state to save.
+        self.model.reseed_dropout(Rng::derive(
+            self.config.seed,
+            "head-dropout",
+            self.outer_steps,
+        ));
         let batch = self.to_batch(images);
         let lr = self.config.schedule.lr(self.outer_steps);
         let outcome = match self.model.spec.method {

@@ -143,6 +143,13 @@ fn a_corrupt_newest_checkpoint_falls_back_to_an_older_one_and_still_ends_the_sam
     let rt = tokio::runtime::Runtime::new().unwrap();
     let steps = rt.block_on(checkpoint::complete_steps(&ckpt)).unwrap();
     assert_eq!(steps.len(), 2, "keep: 2");
+    // Pruned checkpoints leave no empty directories behind.
+    assert_eq!(
+        std::fs::read_dir(format!("{out}/checkpoints"))
+            .unwrap()
+            .count(),
+        2
+    );
     // Newest (the finished run): one flipped byte. Plus a newer directory with no manifest,
     // as a crash while writing leaves it.
     let newest = format!(
