@@ -66,28 +66,16 @@ async fn save(
         .map_err(|e| write_err("weights", e.to_string()))?;
     let optimizer = weights::safetensors_bytes(&trainer.optimizer.state())
         .map_err(|e| write_err("optimizer", e.to_string()))?;
-    let mut latents = Vec::new();
-    trainer
-        .latents
-        .write_snapshot(|piece| {
-            latents.extend(piece);
-            Ok(())
-        })
-        .map_err(|e| write_err("latents", e.to_string()))?;
     // YAML, not JSON: its floats round-trip exactly (shortest repr out, correctly rounded in),
     // and NaN (a loss over no images) is representable.
     let yaml = serde_norway::to_string(state).expect("state to YAML");
-    checkpoint::write(
-        root,
-        state.optimizer_steps as u64,
-        vec![
-            ("model.safetensors".into(), model.into()),
-            ("optimizer.safetensors".into(), optimizer.into()),
-            ("latents.arrow".into(), latents.into()),
-            ("state.yaml".into(), yaml.into_bytes().into()),
-        ],
-    )
-    .await?;
+    let mut w = checkpoint::Writer::begin(root, state.optimizer_steps as u64).await?;
+    w.put("model.safetensors", model.into()).await?;
+    w.put("optimizer.safetensors", optimizer.into()).await?;
+    w.put_pieces("latents.arrow", trainer.latents.snapshot())
+        .await?;
+    w.put("state.yaml", yaml.into_bytes().into()).await?;
+    w.finish().await?;
     checkpoint::prune(root, keep).await?;
     Ok(())
 }
@@ -99,24 +87,26 @@ fn restore(
     loaded: &checkpoint::Loaded,
     def: &Definition,
 ) -> Result<TrainingState, RunError> {
-    let file = |name: &str| {
-        loaded.files.get(name).ok_or_else(|| {
-            RunError::Resume(format!(
-                "checkpoint step {} has no {name}",
-                loaded.manifest.step
-            ))
-        })
+    let missing = |name: &str| {
+        RunError::Resume(format!(
+            "checkpoint step {} has no {name}",
+            loaded.manifest.step
+        ))
     };
-    let state: TrainingState = serde_norway::from_slice(file("state.yaml")?)
-        .map_err(|e| RunError::Resume(format!("state.yaml: {e}")))?;
+    let state: TrainingState = serde_norway::from_slice(
+        &loaded
+            .bytes("state.yaml")
+            .ok_or_else(|| missing("state.yaml"))?,
+    )
+    .map_err(|e| RunError::Resume(format!("state.yaml: {e}")))?;
     if let Some(key) = inexact_change(&state.pipeline, def) {
         return Err(RunError::Resume(format!(
             "key '{key}' changed since the checkpoint was written, so the resumed run would differ from an uninterrupted one; restore it, use another output, or start over with --fresh"
         )));
     }
     let tensors = |name: &str| {
-        weights::tensors_from_safetensors(file(name)?)
-            .map_err(|e| RunError::Resume(format!("{name}: {e}")))
+        let path = loaded.path(name).ok_or_else(|| missing(name))?;
+        tch::Tensor::read_safetensors(&path).map_err(|e| RunError::Resume(format!("{name}: {e}")))
     };
     trainer
         .restore(
@@ -127,9 +117,14 @@ fn restore(
             state.rng,
         )
         .map_err(RunError::Resume)?;
+    let latents = loaded
+        .path("latents.arrow")
+        .ok_or_else(|| missing("latents.arrow"))?;
+    let file = std::fs::File::open(&latents)
+        .map_err(|e| RunError::Resume(format!("latents.arrow: {e}")))?;
     trainer
         .latents
-        .read_snapshot(&file("latents.arrow")?[..])
+        .read_snapshot(std::io::BufReader::new(file))
         .map_err(|e| RunError::Resume(e.to_string()))?;
     Ok(state)
 }

@@ -13,11 +13,3 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> std::io::Result<Vec<u8
     Tensor::write_safetensors(&named, &path).map_err(std::io::Error::other)?;
     std::fs::read(&path)
 }
-
-/// Decode safetensors bytes into named CPU tensors (via a temporary file, as above).
-pub fn tensors_from_safetensors(bytes: &[u8]) -> std::io::Result<Vec<(String, Tensor)>> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("weights.safetensors");
-    std::fs::write(&path, bytes)?;
-    Tensor::read_safetensors(&path).map_err(std::io::Error::other)
-}

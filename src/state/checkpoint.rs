@@ -52,31 +52,108 @@ fn crc(bytes: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Write a checkpoint: every file, then the manifest. A crash before the manifest leaves a
-/// directory that readers ignore. Returns the manifest.
-pub async fn write(root: &Location, step: u64, files: Vec<(String, Bytes)>) -> Result<Manifest> {
-    let dir = dir_name(step);
-    // Rewriting a step (the final checkpoint at a step an earlier one had): the old manifest
-    // goes first, so the directory is never complete-looking while its files change.
-    root.delete(&root.path(&format!("{dir}/{MANIFEST}")))
-        .await?;
-    let mut entries = Vec::new();
-    for (name, bytes) in files {
-        entries.push(FileEntry {
-            name: name.clone(),
+/// A checkpoint being written: each file streamed to the store with its CRC-32 computed on the
+/// way, then the manifest by [`Writer::finish`]. Dropped without `finish` (a crash), it leaves
+/// a directory without a manifest, which readers ignore.
+pub struct Writer<'a> {
+    root: &'a Location,
+    step: u64,
+    dir: String,
+    entries: Vec<FileEntry>,
+}
+
+impl<'a> Writer<'a> {
+    pub async fn begin(root: &'a Location, step: u64) -> Result<Self> {
+        let dir = dir_name(step);
+        // Rewriting a step (the final checkpoint at a step an earlier one had): the old manifest
+        // goes first, so the directory is never complete-looking while its files change.
+        root.delete(&root.path(&format!("{dir}/{MANIFEST}")))
+            .await?;
+        Ok(Self {
+            root,
+            step,
+            dir,
+            entries: Vec::new(),
+        })
+    }
+
+    /// One file from bytes in memory.
+    pub async fn put(&mut self, name: &str, bytes: Bytes) -> Result<()> {
+        self.entries.push(FileEntry {
+            name: name.to_string(),
             bytes: bytes.len() as u64,
             crc32: crc(&bytes),
         });
-        root.put(&format!("{dir}/{name}"), bytes).await?;
+        self.root
+            .put(&format!("{}/{name}", self.dir), bytes)
+            .await?;
+        Ok(())
     }
-    let manifest = Manifest {
-        format: FORMAT,
-        step,
-        files: entries,
-    };
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest to JSON");
-    root.put(&format!("{dir}/{MANIFEST}"), json).await?;
-    Ok(manifest)
+
+    /// One file from pieces (a multipart upload on cloud stores): never whole in memory.
+    pub async fn put_pieces<E: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        pieces: impl Iterator<Item = std::result::Result<Vec<u8>, E>>,
+    ) -> Result<()> {
+        let path = self.root.path(&format!("{}/{name}", self.dir));
+        let url = self.root.url_of(&path);
+        let io = |source: object_store::Error| {
+            CheckpointError::Storage(StorageError::Io {
+                action: "write",
+                url: url.clone(),
+                source,
+            })
+        };
+        let mut writer = object_store::buffered::BufWriter::new(self.root.store.clone(), path);
+        let (mut hasher, mut bytes) = (crc32fast::Hasher::new(), 0u64);
+        for piece in pieces {
+            let piece = piece.map_err(|e| CheckpointError::Invalid {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+            hasher.update(&piece);
+            bytes += piece.len() as u64;
+            writer.put(Bytes::from(piece)).await.map_err(io)?;
+        }
+        tokio::io::AsyncWriteExt::shutdown(&mut writer)
+            .await
+            .map_err(|e| {
+                io(object_store::Error::Generic {
+                    store: "checkpoint",
+                    source: Box::new(e),
+                })
+            })?;
+        self.entries.push(FileEntry {
+            name: name.to_string(),
+            bytes,
+            crc32: hasher.finalize(),
+        });
+        Ok(())
+    }
+
+    /// Write the manifest: from now on the checkpoint exists.
+    pub async fn finish(self) -> Result<Manifest> {
+        let manifest = Manifest {
+            format: FORMAT,
+            step: self.step,
+            files: self.entries,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("manifest to JSON");
+        self.root
+            .put(&format!("{}/{MANIFEST}", self.dir), json)
+            .await?;
+        Ok(manifest)
+    }
+}
+
+/// Write a checkpoint of in-memory files: every file, then the manifest.
+pub async fn write(root: &Location, step: u64, files: Vec<(String, Bytes)>) -> Result<Manifest> {
+    let mut w = Writer::begin(root, step).await?;
+    for (name, bytes) in files {
+        w.put(&name, bytes).await?;
+    }
+    w.finish().await
 }
 
 /// Steps of the checkpoints that have a manifest, newest first.
@@ -95,15 +172,34 @@ pub async fn complete_steps(root: &Location) -> Result<Vec<u64>> {
     Ok(steps)
 }
 
-/// A checkpoint read back and verified against its manifest.
+/// A checkpoint read back and verified against its manifest: its files are streamed into a
+/// local temporary directory (never whole in memory) and removed when this is dropped.
 #[derive(Debug)]
 pub struct Loaded {
     pub manifest: Manifest,
-    pub files: BTreeMap<String, Bytes>,
+    dir: tempfile::TempDir,
+}
+
+impl Loaded {
+    /// The local copy of a file of the checkpoint.
+    pub fn path(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.manifest
+            .files
+            .iter()
+            .any(|f| f.name == name)
+            .then(|| self.dir.path().join(name))
+    }
+
+    /// A (small) file's bytes.
+    pub fn bytes(&self, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.path(name)?).ok()
+    }
 }
 
 /// Read and verify the checkpoint at `step`.
 pub async fn read(root: &Location, step: u64) -> Result<Loaded> {
+    use futures::StreamExt;
+    use std::io::Write;
     let dir = dir_name(step);
     let url = format!("{}/{dir}", root.url);
     let invalid = |reason: String| CheckpointError::Invalid {
@@ -119,32 +215,61 @@ pub async fn read(root: &Location, step: u64) -> Result<Loaded> {
             manifest.format, manifest.step
         )));
     }
-    let mut files = BTreeMap::new();
+    let local = tempfile::Builder::new()
+        .prefix("patchgd-checkpoint-")
+        .tempdir()
+        .map_err(|e| invalid(format!("no local temporary directory: {e}")))?;
     for entry in &manifest.files {
-        let bytes = match root.get_relative(&format!("{dir}/{}", entry.name)).await {
-            Ok(b) => b,
-            Err(StorageError::NotFound { .. }) => {
+        if entry.name.contains('/') || entry.name.starts_with('.') {
+            return Err(invalid(format!("{MANIFEST} names a file '{}'", entry.name)));
+        }
+        let path = root.path(&format!("{dir}/{}", entry.name));
+        let get = match object_store::ObjectStoreExt::get(&root.store, &path).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => {
                 return Err(invalid(format!("{} is missing", entry.name)));
             }
-            Err(e) => return Err(e.into()),
+            Err(source) => {
+                return Err(StorageError::Io {
+                    action: "read",
+                    url: root.url_of(&path),
+                    source,
+                }
+                .into());
+            }
         };
-        if bytes.len() as u64 != entry.bytes {
+        let mut file = std::fs::File::create(local.path().join(&entry.name))
+            .map_err(|e| invalid(format!("cannot copy {} locally: {e}", entry.name)))?;
+        let (mut hasher, mut bytes) = (crc32fast::Hasher::new(), 0u64);
+        let mut chunks = get.into_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|source| StorageError::Io {
+                action: "read",
+                url: root.url_of(&path),
+                source,
+            })?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            file.write_all(&chunk)
+                .map_err(|e| invalid(format!("cannot copy {} locally: {e}", entry.name)))?;
+        }
+        if bytes != entry.bytes {
             return Err(invalid(format!(
-                "{} has {} bytes, the manifest says {} (partial write?)",
-                entry.name,
-                bytes.len(),
-                entry.bytes
+                "{} has {bytes} bytes, the manifest says {} (partial write?)",
+                entry.name, entry.bytes
             )));
         }
-        if crc(&bytes) != entry.crc32 {
+        if hasher.finalize() != entry.crc32 {
             return Err(invalid(format!(
                 "{} does not match its checksum (corrupt)",
                 entry.name
             )));
         }
-        files.insert(entry.name.clone(), bytes);
     }
-    Ok(Loaded { manifest, files })
+    Ok(Loaded {
+        manifest,
+        dir: local,
+    })
 }
 
 /// The newest checkpoint that reads back whole, and the errors of newer ones that did not.
@@ -238,7 +363,7 @@ mod tests {
         let loaded = loaded.unwrap();
         assert!(skipped.is_empty());
         assert_eq!(loaded.manifest.step, 20);
-        assert_eq!(&loaded.files["model.safetensors"][..], b"weights b");
+        assert_eq!(loaded.bytes("model.safetensors").unwrap(), b"weights b");
     }
 
     #[tokio::test]

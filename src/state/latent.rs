@@ -303,37 +303,26 @@ impl LatentStore {
         Ok(None)
     }
 
-    /// Write an Arrow IPC stream of the whole store; `sink` receives the bytes in pieces (one
-    /// per batch of images), so a large store never sits in memory twice.
+    /// The whole store as an Arrow IPC stream, in pieces (one per 64 images), so that a large
+    /// store is never held in memory twice: what checkpoints write.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            store: self,
+            ids: self.ids(),
+            next: 0,
+            writer: None,
+            done: false,
+        }
+    }
+
+    /// Write the snapshot's pieces to `sink`; returns the bytes written.
     pub fn write_snapshot(&self, mut sink: impl FnMut(Vec<u8>) -> Result<()>) -> Result<u64> {
-        let ids = self.ids();
-        let dim = match ids.first() {
-            Some(id) => self.peek(id)?.expect("listed").dim as i32,
-            None => 0,
-        };
-        let schema = latent_schema(dim);
-        let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema)
-            .map_err(|e| LatentError::Snapshot(e.to_string()))?;
-        let mut total = 0u64;
-        for group in ids.chunks(64) {
-            let grids: Vec<(String, LatentGrid)> = group
-                .iter()
-                .map(|id| Ok((id.clone(), self.peek(id)?.expect("listed id exists"))))
-                .collect::<Result<_>>()?;
-            let batch = grids_batch(&grids)?;
-            writer
-                .write(&batch)
-                .map_err(|e| LatentError::Snapshot(e.to_string()))?;
-            let piece = std::mem::take(writer.get_mut());
+        let mut total = 0;
+        for piece in self.snapshot() {
+            let piece = piece?;
             total += piece.len() as u64;
             sink(piece)?;
         }
-        writer
-            .finish()
-            .map_err(|e| LatentError::Snapshot(e.to_string()))?;
-        let piece = std::mem::take(writer.get_mut());
-        total += piece.len() as u64;
-        sink(piece)?;
         Ok(total)
     }
 
@@ -348,6 +337,61 @@ impl LatentStore {
             }
         }
         Ok(())
+    }
+}
+
+/// The pieces of a store's Arrow IPC stream (see [`LatentStore::snapshot`]).
+pub struct Snapshot<'a> {
+    store: &'a LatentStore,
+    ids: Vec<String>,
+    next: usize,
+    writer: Option<arrow::ipc::writer::StreamWriter<Vec<u8>>>,
+    done: bool,
+}
+
+impl Snapshot<'_> {
+    fn step(&mut self) -> Result<Option<Vec<u8>>> {
+        let err = |e: arrow::error::ArrowError| LatentError::Snapshot(e.to_string());
+        if self.done {
+            return Ok(None);
+        }
+        if self.writer.is_none() {
+            let dim = match self.ids.first() {
+                Some(id) => self.store.peek(id)?.expect("listed").dim as i32,
+                None => 0,
+            };
+            self.writer = Some(
+                arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &latent_schema(dim))
+                    .map_err(err)?,
+            );
+        }
+        let writer = self.writer.as_mut().expect("just made");
+        if self.next < self.ids.len() {
+            let group = &self.ids[self.next..(self.next + 64).min(self.ids.len())];
+            self.next += group.len();
+            let grids: Vec<(String, LatentGrid)> = group
+                .iter()
+                .map(|id| Ok((id.clone(), self.store.peek(id)?.expect("listed id exists"))))
+                .collect::<Result<_>>()?;
+            writer.write(&grids_batch(&grids)?).map_err(err)?;
+        } else {
+            writer.finish().map_err(err)?;
+            self.done = true;
+        }
+        Ok(Some(std::mem::take(writer.get_mut())))
+    }
+}
+
+impl Iterator for Snapshot<'_> {
+    type Item = Result<Vec<u8>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.step() {
+            Ok(piece) => piece.map(Ok),
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
     }
 }
 
