@@ -71,28 +71,28 @@ fn main() {
     println!("{:<44} {:>10} {:>10} {:>10}", "", "seconds", "MB", "MB/s");
     println!(
         "{:<44} {:>10.2} {:>10.1} {:>10.0}",
-        "write: snapshot to Arrow IPC",
+        "write: snapshot to Arrow IPC (pieces dropped)",
         snapshot_s,
         mb,
         mb / snapshot_s
     );
     println!(
         "{:<44} {:>10.2} {:>10.1} {:>10.0}",
-        "write: + CRC-32 and put, manifest last",
+        "write: snapshot streamed + CRC-32, manifest",
         write_s,
         mb,
         mb / write_s
     );
     println!(
         "{:<44} {:>10.2} {:>10.1} {:>10.0}",
-        "read: get + verify CRC-32",
+        "read: stream to a local file + CRC-32",
         read_s,
         mb,
         mb / read_s
     );
     println!(
         "{:<44} {:>10.2} {:>10.1} {:>10.0}",
-        "read: + restore into the store (spilling)",
+        "read: + restore into a store (spilling)",
         restore_s,
         mb,
         mb / restore_s
