@@ -393,11 +393,12 @@ fn main() -> Result<()> {
                 },
             )?;
             println!(
-                "{}: validation accuracy {:.3} (QWK {:.3}) after {} epochs; images seen {} = used {} + failed {}; {:.1} s; results in {}",
+                "{}: validation accuracy {:.3} (QWK {:.3}) after {} epoch{}; images seen {} = used {} + failed {}; {:.1} s; results in {}",
                 summary.name,
                 summary.final_val_accuracy,
                 summary.final_val_qwk,
                 summary.epochs,
+                if summary.epochs == 1 { "" } else { "s" },
                 summary.images_seen,
                 summary.images_used,
                 summary.images_failed,

@@ -307,6 +307,20 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
     let mut used: BTreeSet<String> = BTreeSet::new();
     let mut last_eval = PassOutcome::default();
     let progress = Progress::new(show_progress, train_set.len() + val_set.len());
+    progress.line(format!(
+        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}",
+        def.name,
+        match def.method {
+            Method::Patchgd => "PatchGD",
+            Method::Gd => "GD",
+        },
+        device_name(device),
+        train_set.len(),
+        val_set.len(),
+        catalog.failures.len(),
+        catalog.labels_without_image.len(),
+        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')"))
+    ));
     // Resume from the newest complete checkpoint, unless asked to start over.
     let mut resumed: Option<TrainingState> = None;
     if options.fresh {
@@ -348,20 +362,6 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         }
     }
     let mut last_checkpoint_steps = trainer.optimizer.steps;
-    progress.line(format!(
-        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}",
-        def.name,
-        match def.method {
-            Method::Patchgd => "PatchGD",
-            Method::Gd => "GD",
-        },
-        device_name(device),
-        train_set.len(),
-        val_set.len(),
-        catalog.failures.len(),
-        catalog.labels_without_image.len(),
-        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')"))
-    ));
     let stop_on_error = |errors: &[(u64, Failure)]| -> Result<(), RunError> {
         match (def.source.on_error, errors.first()) {
             (OnError::Stop, Some((_, f))) => Err(RunError::Data(format!(
