@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use patchgd::patch::Foreground;
 use patchgd::pipeline::{Definition, RunOptions, run_with};
 use patchgd::source::StreamConfig;
-use patchgd::source::inspect::{inspect as inspect_object, scan};
+use patchgd::source::inspect::{inspect as inspect_object, scan, scan_entries};
 use patchgd::source::tiff::write::TileCompression;
 use patchgd::storage::{Location, StorageError, StoreOptions};
 use patchgd::synth::{ImageFormat, Recipe, mnist::MnistDigits, write_ultramnist};
@@ -119,12 +119,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
     // A single object, or every object under a prefix.
     let (object_loc, object) = Location::parse_object(&args.url, &opts)?;
     let single = match rt.block_on(object_loc.head(&object)) {
-        Ok(_) => true,
-        Err(StorageError::NotFound { .. }) => false, // a prefix, or nothing
+        Ok(meta) => Some(meta.size),
+        Err(StorageError::NotFound { .. }) => None, // a prefix, or nothing
         Err(e) => return Err(e.into()),
     };
-    let targets: Vec<(Location, object_store::path::Path)> = if single {
-        vec![(object_loc, object)]
+    let targets: Vec<(Location, object_store::path::Path, u64)> = if let Some(size) = single {
+        vec![(object_loc, object, size)]
     } else {
         let listed = rt.block_on(loc.list())?;
         if listed.is_empty() {
@@ -143,12 +143,12 @@ fn inspect(args: InspectArgs) -> Result<()> {
         listed
             .into_iter()
             .take(args.limit)
-            .map(|m| (loc.clone(), m.location))
+            .map(|m| (loc.clone(), m.location, m.size))
             .collect()
     };
     let mut failed = 0;
-    for (l, path) in &targets {
-        match rt.block_on(inspect_object(l, path, args.patch, stride)) {
+    for (l, path, size) in &targets {
+        match rt.block_on(inspect_object(l, path, *size, args.patch, stride)) {
             Ok(info) => print!("{}", info.render(args.patch, stride)),
             Err(e) => {
                 failed += 1;
@@ -181,16 +181,17 @@ fn inspect(args: InspectArgs) -> Result<()> {
             light_background: light,
             min_fraction: args.min_foreground,
         };
-        let scan_loc = if single {
-            targets[0].0.clone()
-        } else {
-            loc.clone()
-        };
         let rss_before = rss_bytes();
-        let report = if single {
-            rt.block_on(scan_one(&scan_loc, &targets[0].1, config))
-        } else {
-            rt.block_on(scan(&scan_loc, config))
+        let report = match single {
+            Some(size) => {
+                let (l, path, _) = &targets[0];
+                rt.block_on(scan_entries(
+                    l,
+                    vec![unlabelled_entry(l, path, size)],
+                    config,
+                ))
+            }
+            None => rt.block_on(scan(&loc, config)),
         }
         .map_err(anyhow::Error::msg)?;
         let mib = report.pixel_bytes as f64 / (1 << 20) as f64;
@@ -222,23 +223,21 @@ fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// Scan one object: the prefix listing restricted to it.
-async fn scan_one(
+/// One object as an image to scan (no label: inspecting needs none).
+fn unlabelled_entry(
     loc: &Location,
     path: &object_store::path::Path,
-    config: StreamConfig,
-) -> Result<patchgd::source::inspect::ScanReport, String> {
-    let meta = loc.head(path).await.map_err(|e| e.to_string())?;
+    size: u64,
+) -> patchgd::source::ImageEntry {
     let name = path.filename().unwrap_or_default().to_string();
-    let entry = patchgd::source::ImageEntry {
+    patchgd::source::ImageEntry {
         image_id: patchgd::source::catalog::strip_extension(&name).to_string(),
         url: loc.url_of(path),
-        size: meta.size,
+        size,
         path: path.clone(),
         label: -1,
         split: patchgd::source::Split::Val,
-    };
-    patchgd::source::inspect::scan_entries(loc, vec![entry], config).await
+    }
 }
 
 #[derive(Subcommand)]

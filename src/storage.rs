@@ -255,39 +255,28 @@ impl Location {
         };
         let build_error = |e: object_store::Error| bad(e.to_string());
         let retry = options.retry();
+        // Each store's builder: credentials from the environment, then our settings; a key the
+        // store does not know is an error naming it (object_store's own parse_url_opts would
+        // drop it silently).
+        macro_rules! configured {
+            ($builder:expr) => {{
+                let mut b = $builder.with_retry(retry);
+                for (k, v) in &options.options {
+                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(build_error)?)
+            }};
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
-            ObjectStoreScheme::AmazonS3 => {
-                let mut b = AmazonS3Builder::from_env().with_url(url).with_retry(retry);
-                for (k, v) in &options.options {
-                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(build_error)?)
-            }
+            ObjectStoreScheme::AmazonS3 => configured!(AmazonS3Builder::from_env().with_url(url)),
             ObjectStoreScheme::GoogleCloudStorage => {
-                let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(retry);
-                for (k, v) in &options.options {
-                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(build_error)?)
+                configured!(GoogleCloudStorageBuilder::from_env().with_url(url))
             }
             ObjectStoreScheme::MicrosoftAzure => {
-                let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(retry);
-                for (k, v) in &options.options {
-                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(build_error)?)
+                configured!(MicrosoftAzureBuilder::from_env().with_url(url))
             }
             ObjectStoreScheme::Http => {
-                let origin = parsed.origin().ascii_serialization();
-                let mut b = HttpBuilder::new().with_url(origin).with_retry(retry);
-                for (k, v) in &options.options {
-                    b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(build_error)?)
+                configured!(HttpBuilder::new().with_url(parsed.origin().ascii_serialization()))
             }
             other => return Err(bad(format!("unexpected store kind {other:?}"))),
         };

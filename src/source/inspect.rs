@@ -70,16 +70,16 @@ impl ImageInfo {
     }
 }
 
-/// Inspect one object from its first bytes (one request for most files; a TIFF whose
-/// directories lie elsewhere needs a few more).
+/// Inspect one object of `size` bytes (from a listing or a HEAD) from its first bytes (one
+/// request for most files; a TIFF whose directories lie elsewhere needs a few more).
 pub async fn inspect(
     loc: &Location,
     path: &Path,
+    size: u64,
     patch: usize,
     stride: usize,
 ) -> Result<ImageInfo, String> {
     let url = loc.url_of(path);
-    let size = loc.head(path).await.map_err(|e| e.to_string())?.size;
     if size == 0 {
         return Err(format!("'{url}' is empty (0 bytes)"));
     }
