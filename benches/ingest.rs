@@ -109,8 +109,8 @@ async fn entries(loc: &Location, format: &str) -> Vec<ImageEntry> {
             url: loc.url_of(&m.location),
             size: m.size,
             path: m.location,
-            label: 0,
-            split: Split::Train,
+            label: Some(0),
+            split: Some(Split::Train),
         })
         .collect()
 }
@@ -121,7 +121,7 @@ async fn single_core_seconds(loc: &Location, format: &str, list: &[ImageEntry], 
     let key = ImageKey {
         image_id: "x".into(),
         label: None,
-        split: "train".into(),
+        split: Some("train".into()),
     };
     let fg = Foreground::default();
     let start = Instant::now();

@@ -31,6 +31,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod sink;
 pub mod source;
+pub mod sql;
 pub mod state;
 pub mod storage;
 pub mod synth;

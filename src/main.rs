@@ -48,6 +48,46 @@ enum Command {
     },
     /// Describe image objects: size, levels, tiles, compression, channels, patch counts.
     Inspect(InspectArgs),
+    /// Query images, patches, latents and run results with SQL (docs/sql.md). Without a query:
+    /// an interactive prompt with history.
+    Sql(SqlArgs),
+}
+
+#[derive(clap::Args)]
+struct SqlArgs {
+    /// The query; omit it for the interactive prompt.
+    query: Option<String>,
+    /// A pipeline file: its images become `images` and `patches` (with its patch settings),
+    /// and its output directory's results `metrics`, `predictions`, `errors`, `latents`.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Images URL for `images` and `patches` (instead of --pipeline).
+    #[arg(long)]
+    images: Option<String>,
+    /// Labels table (CSV or Parquet) for --images.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Patch size for --images.
+    #[arg(long, default_value_t = 256)]
+    patch: usize,
+    /// Pyramid level for --images.
+    #[arg(long, default_value_t = 0)]
+    level: usize,
+    /// Channels for --images: 1 (grey) or 3 (RGB).
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    /// A run's output directory (instead of the pipeline's).
+    #[arg(long)]
+    run: Option<String>,
+    /// Object store setting (repeatable; credentials come from the environment).
+    #[arg(long = "storage", value_name = "KEY=VALUE")]
+    storage: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: patchgd::sql::shell::Format,
+    /// Write the result to this file instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -109,6 +149,73 @@ fn storage_options(pairs: &[String]) -> Result<StoreOptions> {
     }
     opts.validate()?;
     Ok(opts)
+}
+
+fn sql(args: SqlArgs) -> Result<()> {
+    use patchgd::sql::{DataSet, Sources, register, session, shell};
+    let mut storage = storage_options(&args.storage)?;
+    let mut sources = Sources::default();
+    if let Some(path) = &args.pipeline {
+        let def = Definition::from_file(path)?;
+        if args.storage.is_empty() {
+            storage = def.storage.clone();
+        }
+        sources.data = Some(def.data_set());
+        // The run tables exist once the pipeline has run.
+        let out = Location::parse_with(&def.output, &def.storage)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        if rt.block_on(out.head(&out.path("metrics.parquet"))).is_ok() {
+            sources.run = Some(def.output.clone());
+        }
+    }
+    if let Some(images) = &args.images {
+        let mut data = DataSet::new(images, args.patch);
+        data.labels = args.labels.clone();
+        data.storage = storage.clone();
+        data.stream.level = args.level;
+        data.stream.channels = args.channels;
+        sources.data = Some(data);
+    }
+    if let Some(run) = &args.run {
+        sources.run = Some(run.clone());
+    }
+    sources.storage = storage;
+    let rt = tokio::runtime::Runtime::new()?;
+    let ctx = session();
+    let reported = rt.block_on(register(&ctx, &sources))?;
+    if let Some(run) = &sources.run
+        && !ctx.table_exist("latents")?
+    {
+        eprintln!("note: no latents table: run '{run}' has no complete checkpoint");
+    }
+    let out = shell::Output {
+        format: args.format,
+        file: args.output.clone(),
+    };
+    match &args.query {
+        Some(q) => {
+            rt.block_on(shell::run_one(&ctx, &reported, q, &out))?;
+        }
+        None => {
+            let mut tables: Vec<&str> = vec![];
+            if sources.data.is_some() {
+                tables.extend(["images", "patches"]);
+            }
+            if sources.run.is_some() {
+                tables.extend(["metrics", "predictions", "errors", "latents"]);
+            }
+            let banner = format!(
+                "patchgd sql: tables {}",
+                if tables.is_empty() {
+                    "none (use --pipeline, --images or --run; table functions work)".to_string()
+                } else {
+                    tables.join(", ")
+                }
+            );
+            shell::interactive(&rt, &ctx, &reported, &banner)?;
+        }
+    }
+    Ok(())
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
@@ -235,8 +342,8 @@ fn unlabelled_entry(
         url: loc.url_of(path),
         size,
         path: path.clone(),
-        label: -1,
-        split: patchgd::source::Split::Val,
+        label: None,
+        split: None,
     }
 }
 
@@ -392,7 +499,7 @@ fn main() -> Result<()> {
                 },
             )?;
             println!(
-                "{}: validation accuracy {:.3} (QWK {:.3}) after {} epoch{}; images seen {} = used {} + failed {}; {:.1} s; results in {}",
+                "{}: validation accuracy {:.3} (QWK {:.3}) after {} epoch{}; images seen {} = used {} + failed {}{}; {:.1} s; results in {}",
                 summary.name,
                 summary.final_val_accuracy,
                 summary.final_val_qwk,
@@ -401,6 +508,11 @@ fn main() -> Result<()> {
                 summary.images_seen,
                 summary.images_used,
                 summary.images_failed,
+                if summary.images_deselected > 0 {
+                    format!(" + left out by select: {}", summary.images_deselected)
+                } else {
+                    String::new()
+                },
                 summary.wall_seconds,
                 summary.output
             );
@@ -409,6 +521,7 @@ fn main() -> Result<()> {
             kind: SynthKind::Ultramnist(args),
         } => synth(args)?,
         Command::Inspect(args) => inspect(args)?,
+        Command::Sql(args) => sql(args)?,
     }
     Ok(())
 }

@@ -79,7 +79,13 @@ impl Head {
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Tensor {
         let mut x = z.shallow_clone();
         for b in &self.blocks {
-            x = x.apply(&b.conv).relu().apply_t(&b.bn, train);
+            x = x.apply(&b.conv).relu();
+            // One value per channel (a batch of one image whose grid is down to 1 x 1) has no
+            // variance: training-mode BatchNorm would put NaN into the running variance (the
+            // unbiased estimate divides by n - 1 = 0). Such a batch uses the running statistics.
+            let s = x.size();
+            let bn_train = train && s[0] * s[2] * s[3] > 1;
+            x = x.apply_t(&b.bn, bn_train);
             if train {
                 x = self.channel_dropout(&x);
             }
@@ -87,5 +93,26 @@ impl Head {
         x.adaptive_avg_pool2d([1, 1])
             .flatten(1, -1)
             .apply(&self.classifier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_one_image_on_a_tiny_grid_keeps_the_running_statistics_finite() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let head = Head::new(&vs.root(), 4, 8, 2);
+        let z = Tensor::arange(16, (tch::Kind::Float, tch::Device::Cpu)).view([1, 4, 2, 2]) / 16.0;
+        let _ = head.forward_t(&z, true);
+        for (name, t) in vs.variables() {
+            assert!(
+                t.isfinite().all().int64_value(&[]) == 1,
+                "{name} is not finite after a training step"
+            );
+        }
+        let logits = head.forward_t(&z, false);
+        assert!(logits.isfinite().all().int64_value(&[]) == 1);
     }
 }

@@ -17,7 +17,7 @@ static PATCH_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("image_id", DataType::Utf8, false),
         Field::new("label", DataType::Int64, true),
-        Field::new("split", DataType::Utf8, false),
+        Field::new("split", DataType::Utf8, true),
         Field::new("row", DataType::UInt32, false),
         Field::new("col", DataType::UInt32, false),
         Field::new("x", DataType::UInt32, false),
@@ -27,9 +27,9 @@ static PATCH_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("grid_cols", DataType::UInt32, false),
         Field::new("size", DataType::UInt32, false),
         Field::new("channels", DataType::UInt8, false),
-        Field::new("mean", DataType::Float32, false),
-        Field::new("std", DataType::Float32, false),
-        Field::new("fg_fraction", DataType::Float32, false),
+        Field::new("mean", DataType::Float32, true),
+        Field::new("std", DataType::Float32, true),
+        Field::new("fg_fraction", DataType::Float32, true),
         Field::new("pixels", DataType::Binary, true),
     ]))
 });
@@ -44,7 +44,7 @@ pub fn patch_schema() -> SchemaRef {
 pub struct ImageKey {
     pub image_id: String,
     pub label: Option<i64>,
-    pub split: String,
+    pub split: Option<String>,
 }
 
 /// Decoded pixels: interleaved (HWC) u8, the window of columns `left..left + width` and rows
@@ -182,41 +182,85 @@ pub fn band_batch(
     level: u32,
     fg: &Foreground,
 ) -> RecordBatch {
-    segment_batch(key, grid, row, 0..grid.cols, image, level, fg)
+    let cut = Cut {
+        level,
+        channels: image.channels,
+        foreground: *fg,
+        pixels: true,
+        selected: None,
+    };
+    segment_batch(key, grid, row, 0..grid.cols, Some(image), &cut)
 }
 
-/// The batch of patches (row, cols) — a segment of one grid row — from a raster that covers them.
+/// How patches are cut from a raster: which level they come from, the foreground filter, and
+/// which cells keep their pixels.
+#[derive(Clone, Copy, Debug)]
+pub struct Cut<'a> {
+    pub level: u32,
+    /// Channels of the patches (also stated by geometry-only rows).
+    pub channels: usize,
+    pub foreground: Foreground,
+    /// Keep pixels at all (false when a query needs only statistics).
+    pub pixels: bool,
+    /// Per grid cell (row-major): false cells get null pixels. `None` selects every cell.
+    pub selected: Option<&'a [bool]>,
+}
+
+/// The batch of patches (row, cols) — a segment of one grid row — cut from a raster that covers
+/// them. Without a raster (nothing of it was read) the rows carry geometry only: statistics and
+/// pixels are null.
 pub fn segment_batch(
     key: &ImageKey,
     grid: &Grid,
     row: usize,
     cols: std::ops::Range<usize>,
-    image: &Raster,
-    level: u32,
-    fg: &Foreground,
+    image: Option<&Raster>,
+    cut: &Cut,
 ) -> RecordBatch {
     let first = cols.start;
     let n = cols.len();
     let m = grid.patch;
-    let patch_bytes = m * m * image.channels;
+    let channels = cut.channels;
+    let patch_bytes = m * m * channels;
     // Patches are cut straight into the Arrow value buffer (no copy per patch); a filtered
     // patch's bytes are truncated away again and its row is null.
-    let mut values: Vec<u8> = Vec::with_capacity(n * patch_bytes);
+    let mut values: Vec<u8> = Vec::with_capacity(if cut.pixels { n * patch_bytes } else { 0 });
     let mut offsets: Vec<i32> = Vec::with_capacity(n + 1);
     let mut valid = Vec::with_capacity(n);
     offsets.push(0);
     let (mut means, mut stds, mut fgs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut scratch = Vec::new();
     for col in cols {
+        let Some(image) = image else {
+            valid.push(false);
+            offsets.push(0);
+            continue;
+        };
         let start = values.len();
-        copy_patch(image, grid, row, col, &mut values);
+        let buf = if cut.pixels {
+            &mut values
+        } else {
+            &mut scratch
+        };
+        let start_in_buf = if cut.pixels { start } else { 0 };
+        buf.truncate(start_in_buf);
+        copy_patch(image, grid, row, col, buf);
         let (x0, y0) = grid.origin(row, col);
         let valid_w = image.image_width.saturating_sub(x0).min(m);
         let valid_h = image.image_height.saturating_sub(y0).min(m);
-        let (mean, std, f) = patch_stats(&values[start..], m, image.channels, valid_w, valid_h, fg);
+        let (mean, std, f) = patch_stats(
+            &buf[start_in_buf..],
+            m,
+            image.channels,
+            valid_w,
+            valid_h,
+            &cut.foreground,
+        );
         means.push(mean);
         stds.push(std);
         fgs.push(f);
-        let keep = f >= fg.min_fraction;
+        let selected = cut.selected.is_none_or(|s| s[grid.index(row, col)]);
+        let keep = cut.pixels && selected && f >= cut.foreground.min_fraction;
         if !keep {
             values.truncate(start);
         }
@@ -228,6 +272,13 @@ pub fn segment_batch(
         values.into(),
         (!valid.iter().all(|&v| v)).then(|| arrow::buffer::NullBuffer::from(valid)),
     );
+    let stat = |v: Vec<f32>| -> Arc<dyn Array> {
+        if image.is_some() {
+            Arc::new(Float32Array::from(v))
+        } else {
+            Arc::new(Float32Array::new_null(n))
+        }
+    };
     let u32s = |f: &dyn Fn(usize) -> usize| {
         Arc::new(UInt32Array::from_iter_values((0..n).map(|c| f(c) as u32)))
     };
@@ -237,21 +288,19 @@ pub fn segment_batch(
             n,
         ))),
         Arc::new(Int64Array::from(vec![key.label; n])),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            &key.split, n,
-        ))),
+        Arc::new(StringArray::from(vec![key.split.as_deref(); n])),
         u32s(&|_| row),
         u32s(&|c| first + c),
         u32s(&|c| grid.origin(row, first + c).0),
         u32s(&|c| grid.origin(row, first + c).1),
-        u32s(&|_| level as usize),
+        u32s(&|_| cut.level as usize),
         u32s(&|_| grid.rows),
         u32s(&|_| grid.cols),
         u32s(&|_| grid.patch),
-        Arc::new(UInt8Array::from(vec![image.channels as u8; n])),
-        Arc::new(Float32Array::from(means)),
-        Arc::new(Float32Array::from(stds)),
-        Arc::new(Float32Array::from(fgs)),
+        Arc::new(UInt8Array::from(vec![channels as u8; n])),
+        stat(means),
+        stat(stds),
+        stat(fgs),
         Arc::new(pixels),
     ];
     RecordBatch::try_new(patch_schema(), columns).expect("band batch matches the patch schema")
@@ -333,7 +382,7 @@ impl ImageAssembler {
                         key: ImageKey {
                             image_id: id.to_string(),
                             label: labels.is_valid(i).then(|| labels.value(i)),
-                            split: splits.value(i).to_string(),
+                            split: splits.is_valid(i).then(|| splits.value(i).to_string()),
                         },
                         grid_rows: gr,
                         grid_cols: gc,
@@ -404,7 +453,7 @@ mod tests {
         let key = ImageKey {
             image_id: "a/b".into(),
             label: Some(3),
-            split: "train".into(),
+            split: Some("train".into()),
         };
         let b1 = band_batch(&key, &grid, 1, &img, 0, &Foreground::default());
         let b0 = band_batch(&key, &grid, 0, &img, 0, &Foreground::default());
@@ -430,7 +479,7 @@ mod tests {
         let key = ImageKey {
             image_id: "s".into(),
             label: None,
-            split: "val".into(),
+            split: Some("val".into()),
         };
         let fg = Foreground {
             threshold: 220,

@@ -57,6 +57,10 @@ pub struct Definition {
     /// How `patchgd synth ultramnist --config FILE` generates this pipeline's data set.
     #[serde(default)]
     pub synth: Option<SynthSpec>,
+    /// A SQL query over `images` and `patches` that chooses the training set: it returns
+    /// `image_id` (whole images) or `image_id, row, col` (patches). docs/sql.md.
+    #[serde(default)]
+    pub select: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -461,16 +465,29 @@ impl Definition {
             }
         };
         StreamConfig {
-            patch,
             stride,
-            channels: self.source.channels,
             resize_to,
             decode_workers: self.source.decode_workers,
             buffer_bytes: self.source.buffer_mib << 20,
             level: self.source.level,
             target_mpp: self.source.target_mpp,
             foreground: self.patch.foreground.to_foreground(),
-            segment_px: crate::source::stream::SEGMENT_PX,
+            ..StreamConfig::new(patch, self.source.channels)
+        }
+    }
+
+    /// The pipeline's images as SQL sees them (`images` and `patches` tables), with its patch
+    /// settings (PatchGD's, even for a GD pipeline: SQL is about patches).
+    pub fn data_set(&self) -> crate::sql::DataSet {
+        let mut stream = self.stream_config();
+        stream.patch = self.patch.size;
+        stream.stride = self.stride();
+        stream.resize_to = None;
+        crate::sql::DataSet {
+            images: self.source.images.clone(),
+            labels: Some(self.source.labels.clone()),
+            storage: self.storage.clone(),
+            stream,
         }
     }
 
@@ -484,6 +501,11 @@ impl Definition {
         };
         if self.patch.size == 0 {
             return bad("patch.size", "must be a positive number of pixels".into());
+        }
+        if let Some(sql) = &self.select
+            && let Err(e) = crate::sql::select::check_query(sql)
+        {
+            return bad("select", e.to_string());
         }
         if self.patch.stride == Some(0) {
             return bad("patch.stride", "must be a positive number of pixels".into());

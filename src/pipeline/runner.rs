@@ -145,6 +145,8 @@ pub struct RunSummary {
     pub images_failed: usize,
     /// Rows of the labels table that match no object under the images URL.
     pub labels_without_image: usize,
+    /// Labelled images that the pipeline's `select:` query left out.
+    pub images_deselected: usize,
     pub train_images: usize,
     pub val_images: usize,
     pub final_val_accuracy: f64,
@@ -245,7 +247,35 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
     let _guard = rt.enter();
     let images = Location::parse_with(&def.source.images, &def.storage)?;
     let output = Location::parse_with(&def.output, &def.storage)?;
-    let catalog = rt.block_on(Catalog::load(&images, &def.source.labels, &def.storage))?;
+    let mut catalog = rt.block_on(Catalog::load(&images, &def.source.labels, &def.storage))?;
+    let mut stream_config = def.stream_config();
+    // `select:` chooses the training set before anything is trained (docs/sql.md).
+    let mut deselected = 0;
+    if let Some(sql) = &def.select {
+        let selection = rt
+            .block_on(crate::sql::select::run(&def.data_set(), sql))
+            .map_err(|e| RunError::Data(format!("select: {e}")))?;
+        let listed: BTreeSet<String> = catalog.images.iter().map(|e| e.image_id.clone()).collect();
+        let failed: BTreeSet<String> = selection
+            .failures
+            .iter()
+            .filter(|f| listed.contains(&f.image_id))
+            .map(|f| f.image_id.clone())
+            .collect();
+        catalog.failures.extend(
+            selection
+                .failures
+                .iter()
+                .filter(|f| listed.contains(&f.image_id))
+                .cloned(),
+        );
+        let before = catalog.images.len();
+        catalog
+            .images
+            .retain(|e| selection.images.contains(&e.image_id) && !failed.contains(&e.image_id));
+        deselected = before - catalog.images.len() - failed.len();
+        stream_config.select = selection.cell_selector();
+    }
     let train_set = catalog.split(Split::Train);
     let val_set = catalog.split(Split::Val);
     if train_set.is_empty() {
@@ -258,11 +288,15 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         .model
         .classes
         .unwrap_or(catalog.implied_classes().max(2) as i64);
-    if let Some(e) = catalog.images.iter().find(|e| e.label >= classes) {
+    if let Some(e) = catalog
+        .images
+        .iter()
+        .find(|e| e.label.is_some_and(|l| l >= classes))
+    {
         return Err(RunError::Data(format!(
             "image '{}' has label {} but model.classes is {classes}: labels must be 0..{}",
             e.image_id,
-            e.label,
+            e.label.unwrap_or_default(),
             classes - 1
         )));
     }
@@ -300,7 +334,6 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         )
         .map_err(|e| RunError::Data(e.to_string()))?,
     );
-    let stream_config = def.stream_config();
     let ckpt_root = Location::parse_with(&def.checkpoint_url(), &def.storage)?;
     let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
@@ -308,7 +341,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
     let mut last_eval = PassOutcome::default();
     let progress = Progress::new(show_progress, train_set.len() + val_set.len());
     progress.line(format!(
-        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}",
+        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}{}",
         def.name,
         match def.method {
             Method::Patchgd => "PatchGD",
@@ -319,7 +352,8 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         val_set.len(),
         catalog.failures.len(),
         catalog.labels_without_image.len(),
-        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')"))
+        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')")),
+        if def.select.is_some() { format!(", {deselected} left out by select:") } else { String::new() }
     ));
     // Resume from the newest complete checkpoint, unless asked to start over.
     let mut resumed: Option<TrainingState> = None;
@@ -525,6 +559,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         images_used: used.len(),
         images_failed: failed.len(),
         labels_without_image: catalog.labels_without_image.len(),
+        images_deselected: deselected,
         train_images: train_set.len(),
         val_images: val_set.len(),
         final_val_accuracy: last.val_accuracy,

@@ -39,8 +39,27 @@ pub struct ImageEntry {
     pub url: String,
     /// Object size in bytes (from the listing): ranged reads are checked against it.
     pub size: u64,
-    pub label: i64,
-    pub split: Split,
+    /// `None` for an image listed without a labels table (SQL over unlabelled data).
+    pub label: Option<i64>,
+    pub split: Option<Split>,
+}
+
+impl ImageEntry {
+    /// An object listed under `images`, without a label: its id is its path under the prefix
+    /// without the extension.
+    pub fn unlabelled(images: &Location, meta: object_store::ObjectMeta) -> Self {
+        let rel = images
+            .relative(&meta.location)
+            .unwrap_or_else(|| meta.location.to_string());
+        Self {
+            image_id: strip_extension(&rel).to_string(),
+            url: images.url_of(&meta.location),
+            size: meta.size,
+            path: meta.location,
+            label: None,
+            split: None,
+        }
+    }
 }
 
 /// The labelled images under a URL, and the objects that could not be labelled.
@@ -58,14 +77,19 @@ impl Catalog {
     pub fn split(&self, split: Split) -> Vec<ImageEntry> {
         self.images
             .iter()
-            .filter(|e| e.split == split)
+            .filter(|e| e.split == Some(split))
             .cloned()
             .collect()
     }
 
     /// Largest label + 1: the number of classes the data implies.
     pub fn implied_classes(&self) -> usize {
-        self.images.iter().map(|e| e.label + 1).max().unwrap_or(0) as usize
+        self.images
+            .iter()
+            .filter_map(|e| e.label)
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0) as usize
     }
 
     pub async fn load(images: &Location, labels_url: &str, options: &StoreOptions) -> Result<Self> {
@@ -94,8 +118,8 @@ impl Catalog {
                         size: meta.size,
                         path: meta.location,
                         url,
-                        label: *label,
-                        split: *split,
+                        label: Some(*label),
+                        split: Some(*split),
                     })
                 }
                 None => catalog.failures.push(Failure {
@@ -251,7 +275,7 @@ mod tests {
         .unwrap();
         assert_eq!(cat.objects, 3);
         assert_eq!(cat.images.len(), 2);
-        assert_eq!(cat.split(Split::Train)[0].label, 1);
+        assert_eq!(cat.split(Split::Train)[0].label, Some(1));
         assert_eq!(cat.failures.len(), 1);
         assert!(
             cat.failures[0].message.contains("val/c"),

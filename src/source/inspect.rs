@@ -12,7 +12,7 @@ use object_store::path::Path;
 
 use super::stream::{HEAD_BYTES, SourceItem, StreamConfig, stream_images};
 use super::tiff::{self, TiffFile, compression_name};
-use super::{Failure, ImageEntry, Split};
+use super::{Failure, ImageEntry};
 use crate::patch::Grid;
 use crate::storage::Location;
 
@@ -176,17 +176,7 @@ pub async fn scan(loc: &Location, config: StreamConfig) -> Result<ScanReport, St
     let objects = loc.list().await.map_err(|e| e.to_string())?;
     let entries: Vec<ImageEntry> = objects
         .into_iter()
-        .map(|m| {
-            let rel = loc.relative(&m.location).unwrap_or_default();
-            ImageEntry {
-                image_id: super::catalog::strip_extension(&rel).to_string(),
-                url: loc.url_of(&m.location),
-                size: m.size,
-                path: m.location,
-                label: -1,
-                split: Split::Val,
-            }
-        })
+        .map(|m| ImageEntry::unlabelled(loc, m))
         .collect();
     scan_entries(loc, entries, config).await
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::metrics::Count;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -17,9 +18,45 @@ use super::decode::decode;
 use super::tiff::chunk::Region;
 use super::tiff::{self, TiffError, TiffFile};
 use super::{Failure, ImageEntry};
-use crate::patch::batch::{Foreground, ImageKey, Raster, band_batch, segment_batch};
+use crate::patch::batch::{Cut, Foreground, ImageKey, Raster, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::storage::Location;
+
+/// What a consumer needs from each patch; less is cheaper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Read {
+    /// Position and grid only: image headers are read, pixels are never decoded.
+    Geometry,
+    /// Also `mean`, `std`, `fg_fraction`: pixels are decoded but not kept (pixels are null).
+    Statistics,
+    /// Everything, pixels included (training).
+    Pixels,
+}
+
+/// Decides per image, once its grid is known, which cells are wanted: `None` = all, or one flag
+/// per cell in row-major order. Cells not wanted are not decoded where the format allows it
+/// (TIFF segments, whole PNG/JPEG images); their rows carry geometry only.
+#[derive(Clone)]
+pub struct CellSelector(pub Arc<SelectCells>);
+
+/// (image, its grid at the chosen level, the level) → a flag per cell, or `None` for all.
+pub type SelectCells =
+    dyn Fn(&ImageKey, &Grid, u32) -> Result<Option<Vec<bool>>, String> + Send + Sync;
+
+impl std::fmt::Debug for CellSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CellSelector")
+    }
+}
+
+/// What the source did, counted as it happens (shown by EXPLAIN ANALYZE of a patches scan).
+#[derive(Clone, Debug, Default)]
+pub struct SourceCounters {
+    /// Images whose first bytes were read.
+    pub opened: Count,
+    /// Images whose pixels were decoded (all or some of them).
+    pub decoded: Count,
+}
 
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
@@ -41,6 +78,14 @@ pub struct StreamConfig {
     pub foreground: Foreground,
     /// TIFF work is cut into segments of a grid row this many pixels wide ([`SEGMENT_PX`]).
     pub segment_px: usize,
+    /// Geometry, statistics or pixels.
+    pub read: Read,
+    /// Which cells to read; `None` reads all.
+    pub select: Option<CellSelector>,
+    /// Leave out the rows of cells not selected (a query's filter drops them anyway); training
+    /// keeps them, with null pixels, so that every image's grid is complete.
+    pub drop_unselected: bool,
+    pub counters: SourceCounters,
 }
 
 impl StreamConfig {
@@ -56,6 +101,10 @@ impl StreamConfig {
             target_mpp: None,
             foreground: Foreground::default(),
             segment_px: SEGMENT_PX,
+            read: Read::Pixels,
+            select: None,
+            drop_unselected: false,
+            counters: SourceCounters::default(),
         }
     }
 }
@@ -102,6 +151,7 @@ pub fn stream_images(
         let mut failed = HashSet::new();
         while let Some(result) = bands.next().await {
             let item = match result {
+                Ok(batch) if batch.num_rows() == 0 => continue,
                 Ok(batch) => {
                     let id = image_id_of(&batch);
                     if failed.contains(id) {
@@ -191,6 +241,7 @@ async fn blocking<T: Send + 'static>(
 
 /// First request for one image; returns its band futures (or one failure).
 async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfig>) -> Bands {
+    config.counters.opened.add(1);
     if entry.size == 0 {
         return failed(failure(&entry, "decode", "empty object (0 bytes)".into()));
     }
@@ -225,6 +276,43 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
             ),
         ));
     }
+    // Geometry from the header alone, where that is all the consumer needs.
+    let mut selected = None;
+    if config.read == Read::Geometry || config.select.is_some() {
+        let dims = match config.resize_to {
+            Some(s) => Some((s as usize, s as usize)),
+            None => header_dimensions(&head),
+        };
+        if let Some((width, height)) = dims {
+            let grid = match Grid::new(width, height, config.patch, config.stride) {
+                Ok(g) => g,
+                Err(e) => return failed(failure(&entry, "patch", e.to_string())),
+            };
+            let key = key_of(&entry);
+            let mask = match select_cells(&config, &key, &grid, 0) {
+                Ok(m) => m,
+                Err(f) => return failed(failure(&entry, "select", f)),
+            };
+            let wanted = mask.as_ref().is_none_or(|m| m.iter().any(|&c| c));
+            if config.read == Read::Geometry || !wanted {
+                let cut = cut_of(&config, 0, mask.as_deref());
+                let bands = (0..grid.rows)
+                    .map(|row| {
+                        Ok(geometry_segment(
+                            &key,
+                            &grid,
+                            row,
+                            0..grid.cols,
+                            &cut,
+                            &config,
+                        ))
+                    })
+                    .collect();
+                return ready_bands(bands);
+            }
+            selected = mask;
+        }
+    }
     let bytes = if (head.len() as u64) < entry.size {
         match images
             .get_range(&entry.path, head.len() as u64..entry.size)
@@ -237,10 +325,66 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
         head.to_vec()
     };
     let e = entry.clone();
-    match blocking(&entry, move || cut_whole(&e, &bytes, &config)).await {
+    config.counters.decoded.add(1);
+    match blocking(&entry, move || {
+        cut_whole(&e, &bytes, &config, selected.as_deref())
+    })
+    .await
+    {
         Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
         Err(f) => failed(f),
     }
+}
+
+/// Width and height from a PNG or JPEG header, if the first bytes hold it.
+fn header_dimensions(head: &[u8]) -> Option<(usize, usize)> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(head))
+        .with_guessed_format()
+        .ok()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some((w as usize, h as usize))
+}
+
+fn select_cells(
+    config: &StreamConfig,
+    key: &ImageKey,
+    grid: &Grid,
+    level: u32,
+) -> Result<Option<Vec<bool>>, String> {
+    match &config.select {
+        None => Ok(None),
+        Some(select) => select.0(key, grid, level),
+    }
+}
+
+fn cut_of<'a>(config: &StreamConfig, level: u32, selected: Option<&'a [bool]>) -> Cut<'a> {
+    Cut {
+        level,
+        channels: config.channels,
+        foreground: config.foreground,
+        pixels: config.read == Read::Pixels,
+        selected,
+    }
+}
+
+/// Rows of a segment that nothing was read for; empty when none of its cells is selected and
+/// the consumer drops unselected rows.
+fn geometry_segment(
+    key: &ImageKey,
+    grid: &Grid,
+    row: usize,
+    cols: std::ops::Range<usize>,
+    cut: &Cut,
+    config: &StreamConfig,
+) -> RecordBatch {
+    let any = |cols: &std::ops::Range<usize>| {
+        cut.selected
+            .is_none_or(|s| cols.clone().any(|c| s[grid.index(row, c)]))
+    };
+    if config.drop_unselected && !any(&cols) {
+        return RecordBatch::new_empty(patch_schema());
+    }
+    segment_batch(key, grid, row, cols, None, cut)
 }
 
 fn looks_like_png_or_jpeg(head: &[u8]) -> bool {
@@ -250,8 +394,8 @@ fn looks_like_png_or_jpeg(head: &[u8]) -> bool {
 fn key_of(entry: &ImageEntry) -> ImageKey {
     ImageKey {
         image_id: entry.image_id.clone(),
-        label: Some(entry.label),
-        split: entry.split.as_str().into(),
+        label: entry.label,
+        split: entry.split.map(|s| s.as_str().to_string()),
     }
 }
 
@@ -260,10 +404,19 @@ fn cut_whole(
     entry: &ImageEntry,
     bytes: &[u8],
     config: &StreamConfig,
+    selected: Option<&[bool]>,
 ) -> Result<Vec<RecordBatch>, Failure> {
     let img = decode(bytes, config.channels, config.resize_to)
         .map_err(|m| failure(entry, "decode", m))?;
-    cut_raster(entry, &img.pixels, img.width, img.height, config)
+    cut_raster(
+        entry,
+        &img.pixels,
+        img.width,
+        img.height,
+        config,
+        0,
+        selected,
+    )
 }
 
 fn cut_raster(
@@ -272,13 +425,23 @@ fn cut_raster(
     width: usize,
     height: usize,
     config: &StreamConfig,
+    level: u32,
+    selected: Option<&[bool]>,
 ) -> Result<Vec<RecordBatch>, Failure> {
     let grid = Grid::new(width, height, config.patch, config.stride)
         .map_err(|e| failure(entry, "patch", e.to_string()))?;
     let raster = Raster::whole(pixels, width, height, config.channels);
     let key = key_of(entry);
+    let cut = cut_of(config, level, selected);
     Ok((0..grid.rows)
-        .map(|row| band_batch(&key, &grid, row, &raster, 0, &config.foreground))
+        .map(|row| {
+            if config.drop_unselected
+                && selected.is_some_and(|s| (0..grid.cols).all(|c| !s[grid.index(row, c)]))
+            {
+                return RecordBatch::new_empty(patch_schema());
+            }
+            segment_batch(&key, &grid, row, 0..grid.cols, Some(&raster), &cut)
+        })
         .collect())
 }
 
@@ -331,7 +494,15 @@ async fn open_tiff(
                         config.channels,
                         size,
                     );
-                    cut_raster(&e, &img, size as usize, size as usize, &config)
+                    cut_raster(
+                        &e,
+                        &img,
+                        size as usize,
+                        size as usize,
+                        &config,
+                        level as u32,
+                        None,
+                    )
                 })
                 .await;
                 match cut {
@@ -352,6 +523,13 @@ async fn open_tiff(
         }
     };
     let key = Arc::new(key_of(&entry));
+    let mask = match select_cells(&config, &key, &grid, level as u32) {
+        Ok(m) => m.map(Arc::new),
+        Err(f) => return failed(failure(&entry, "select", f)),
+    };
+    if config.read > Read::Geometry && mask.as_ref().is_none_or(|m| m.iter().any(|&c| c)) {
+        config.counters.decoded.add(1);
+    }
     let entry = Arc::new(entry);
     let dir = Arc::new(dir);
     // Segments of SEGMENT_PX columns keep each unit of work (and its memory) the same size
@@ -362,15 +540,23 @@ async fn open_tiff(
         .map(move |i| {
             let (row, segment) = (i / segments, i % segments);
             let cols = segment * per_segment..((segment + 1) * per_segment).min(grid.cols);
-            let (images, file, config, key, entry, dir) = (
+            let (images, file, config, key, entry, dir, mask) = (
                 images.clone(),
                 file.clone(),
                 config.clone(),
                 key.clone(),
                 entry.clone(),
                 dir.clone(),
+                mask.clone(),
             );
             async move {
+                let wanted = mask
+                    .as_ref()
+                    .is_none_or(|m| cols.clone().any(|c| m[grid.index(row, c)]));
+                if config.read == Read::Geometry || !wanted {
+                    let cut = cut_of(&config, level as u32, mask.as_deref().map(|m| &m[..]));
+                    return Ok(geometry_segment(&key, &grid, row, cols, &cut, &config));
+                }
                 let (x0, y0) = grid.origin(row, cols.start);
                 let right = (grid.origin(row, cols.end - 1).0 + grid.patch).min(width);
                 let region = Region {
@@ -397,15 +583,8 @@ async fn open_tiff(
                         image_height: height,
                         channels: config.channels,
                     };
-                    Ok(segment_batch(
-                        &key,
-                        &grid,
-                        row,
-                        cols,
-                        &raster,
-                        level as u32,
-                        &config.foreground,
-                    ))
+                    let cut = cut_of(&config, level as u32, mask.as_deref().map(|m| &m[..]));
+                    Ok(segment_batch(&key, &grid, row, cols, Some(&raster), &cut))
                 })
                 .await
             }

@@ -6,6 +6,7 @@ mod patchgd_step;
 mod pipeline_files;
 mod s3;
 mod source;
+mod sql;
 mod synth;
 mod tiff;
 mod training;

@@ -40,7 +40,7 @@ fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
     let key = ImageKey {
         image_id: format!("img{seed}"),
         label: Some(label),
-        split: "train".into(),
+        split: Some("train".into()),
     };
     let raster = Raster::whole(&px, w, h, 1);
     let mut asm = ImageAssembler::default();

@@ -139,8 +139,8 @@ async fn the_svs_streams_as_patches_with_statistics() {
         url: loc.url_of(&meta.location),
         size: meta.size,
         path: meta.location,
-        label: 0,
-        split: Split::Val,
+        label: Some(0),
+        split: Some(Split::Val),
     };
     let failures = Arc::new(Mutex::new(Vec::new()));
     let config = StreamConfig::new(256, 3);
@@ -465,8 +465,8 @@ async fn segments_of_a_grid_row_reassemble_into_the_same_image_as_whole_rows() {
         url: loc.url_of(&meta.location),
         size: meta.size,
         path: meta.location,
-        label: 3,
-        split: Split::Train,
+        label: Some(3),
+        split: Some(Split::Train),
     };
     let mut images = Vec::new();
     let mut batch_counts = Vec::new();

@@ -1,0 +1,101 @@
+//! SQL over patches: `SELECT image_id, count(*), avg(fg_fraction) FROM patches(...) GROUP BY
+//! image_id` over 1,000 generated UltraMNIST images (512 px PNG, 128 px patches: 16,000 patch
+//! rows), timed three ways (median of 3 runs each, in one process):
+//!
+//! - metadata only: `count(*)` alone needs the geometry, which comes from the PNG headers (one
+//!   64 KiB read per image, nothing decoded);
+//! - statistics: `avg(fg_fraction)` needs the pixels decoded, but they are not kept;
+//! - pixels: also `sum(byte_length(pixels))`, so every patch's pixels are cut and carried.
+//!
+//! `scripts/bench` runs it in full; under `cargo test` it runs 20 images as a smoke test.
+
+use std::time::Instant;
+
+use datafusion::prelude::SessionContext;
+use patchgd::sql::{Sources, register};
+use patchgd::storage::Location;
+use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let images = if full { 1000 } else { 20 };
+    let runs = if full { 3 } else { 1 };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Location::parse(dir.path().to_str().unwrap()).unwrap();
+    let started = Instant::now();
+    rt.block_on(write_ultramnist(
+        &out,
+        &Recipe::new(512, 10, 11),
+        images,
+        0,
+        None,
+        ImageFormat::Png,
+    ))
+    .unwrap();
+    let url = dir.path().join("images").to_str().unwrap().to_string();
+    println!(
+        "{images} images of 512 x 512 generated in {:.1} s under {url}",
+        started.elapsed().as_secs_f64()
+    );
+    let ctx = SessionContext::new();
+    rt.block_on(register(&ctx, &Sources::default())).unwrap();
+    let from = format!("patches('{url}', 128)");
+    let queries = [
+        (
+            "metadata only",
+            format!("SELECT image_id, count(*) FROM {from} GROUP BY image_id"),
+        ),
+        (
+            "statistics (decoded, pixels not kept)",
+            format!("SELECT image_id, count(*), avg(fg_fraction) FROM {from} GROUP BY image_id"),
+        ),
+        (
+            "pixels read",
+            format!(
+                "SELECT image_id, count(*), avg(fg_fraction), sum(byte_length(pixels)) FROM {from} GROUP BY image_id"
+            ),
+        ),
+    ];
+    println!("| query | median s | images/s | patch rows/s | result rows |\n|---|---|---|---|---|");
+    let mut medians = Vec::new();
+    for (name, sql) in &queries {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        let mut patch_rows = 0;
+        for _ in 0..runs {
+            let started = Instant::now();
+            let batches = rt
+                .block_on(async { ctx.sql(sql).await?.collect().await })
+                .unwrap();
+            times.push(started.elapsed().as_secs_f64());
+            rows = batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            patch_rows = batches
+                .iter()
+                .map(|b| {
+                    let c = b.column(1);
+                    let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).unwrap();
+                    let c = c
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .unwrap();
+                    c.values().iter().sum::<i64>()
+                })
+                .sum::<i64>();
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        medians.push(median);
+        assert_eq!(rows, images, "{name}: one group per image");
+        println!(
+            "| {name} | {median:.2} | {:.0} | {:.0} | {rows} |",
+            images as f64 / median,
+            patch_rows as f64 / median
+        );
+    }
+    println!(
+        "statistics / metadata-only time: {:.1}x; pixels / statistics: {:.2}x",
+        medians[1] / medians[0],
+        medians[2] / medians[1]
+    );
+}

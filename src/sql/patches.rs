@@ -1,0 +1,458 @@
+//! The `patches` table: one row per patch of every image of a data set, read through the real
+//! source stage. What a query asks for decides what is read:
+//!
+//! - filters on `image_id`, `label`, `split` choose the images before anything is fetched;
+//! - filters on the geometry (`row`, `col`, `x`, `y`, `level`, `grid_rows`, …) choose the cells
+//!   once an image's header is read: TIFF segments and PNG/JPEG images with no chosen cell are
+//!   never decoded;
+//! - a projection without `mean`, `std`, `fg_fraction` and `pixels` reads headers only, and one
+//!   without `pixels` decodes but never keeps pixels.
+//!
+//! Every pushed filter is `Inexact`: DataFusion still applies it, so the answer never depends on
+//! how much the source could prune. `EXPLAIN` shows the scan's read mode and pushed filters;
+//! `EXPLAIN ANALYZE` the images opened, decoded and failed.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{DFSchema, Result};
+use datafusion::datasource::TableType;
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{
+    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+use futures::StreamExt;
+
+use super::DataSet;
+use crate::patch::batch::{Cut, ImageKey, segment_batch};
+use crate::patch::{Grid, patch_schema};
+use crate::source::stream::{CellSelector, Read, SourceCounters};
+use crate::source::{Failure, ImageEntry, SourceItem, stream_images};
+
+/// Columns known from the listing and the labels table.
+pub const IMAGE_COLUMNS: &[&str] = &["image_id", "label", "split"];
+/// Columns known once an image's header is read, without decoding pixels.
+pub const GEOMETRY_COLUMNS: &[&str] = &[
+    "image_id",
+    "label",
+    "split",
+    "row",
+    "col",
+    "x",
+    "y",
+    "level",
+    "grid_rows",
+    "grid_cols",
+    "size",
+    "channels",
+];
+
+/// Which columns a filter reads.
+fn columns_of(expr: &Expr) -> Vec<String> {
+    expr.column_refs()
+        .into_iter()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+fn only(expr: &Expr, allowed: &[&str]) -> bool {
+    columns_of(expr)
+        .iter()
+        .all(|c| allowed.contains(&c.as_str()))
+}
+
+/// What a projection needs read.
+pub fn read_for(schema: &Schema, projection: Option<&Vec<usize>>) -> Read {
+    let names: Vec<&str> = match projection {
+        Some(p) => p.iter().map(|&i| schema.field(i).name().as_str()).collect(),
+        None => schema.fields().iter().map(|f| f.name().as_str()).collect(),
+    };
+    if names.contains(&"pixels") {
+        Read::Pixels
+    } else if names
+        .iter()
+        .any(|n| ["mean", "std", "fg_fraction"].contains(n))
+    {
+        Read::Statistics
+    } else {
+        Read::Geometry
+    }
+}
+
+/// The images of `entries` that `filter` (over image columns only) keeps.
+pub fn filter_entries(
+    state: &dyn Session,
+    entries: Vec<ImageEntry>,
+    filter: Option<Expr>,
+) -> Result<Vec<ImageEntry>> {
+    let Some(filter) = filter else {
+        return Ok(entries);
+    };
+    let schema = Arc::new(patch_schema().project(&[0, 1, 2])?);
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                entries.iter().map(|e| e.image_id.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter(entries.iter().map(|e| e.label))),
+            Arc::new(StringArray::from_iter(
+                entries.iter().map(|e| e.split.map(|s| s.as_str())),
+            )),
+        ],
+    )?;
+    let keep = evaluate(state, &filter, &schema, &batch)?;
+    Ok(entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.is_valid(*i) && keep.value(*i))
+        .map(|(_, e)| e)
+        .collect())
+}
+
+fn evaluate(
+    state: &dyn Session,
+    filter: &Expr,
+    schema: &SchemaRef,
+    batch: &RecordBatch,
+) -> Result<BooleanArray> {
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    let expr = state.create_physical_expr(filter.clone(), &df_schema)?;
+    let value = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+    Ok(value
+        .as_any()
+        .downcast_ref::<BooleanArray>()
+        .cloned()
+        .unwrap_or_else(|| BooleanArray::from(vec![true; batch.num_rows()])))
+}
+
+/// A cell selector from a physical filter over the patch schema, evaluated on an image's
+/// geometry rows (no pixels needed).
+fn cell_selector(expr: Arc<dyn PhysicalExpr>, channels: usize) -> CellSelector {
+    CellSelector(Arc::new(move |key: &ImageKey, grid: &Grid, level: u32| {
+        let cut = Cut {
+            level,
+            channels,
+            foreground: Default::default(),
+            pixels: false,
+            selected: None,
+        };
+        let bands: Vec<RecordBatch> = (0..grid.rows)
+            .map(|row| segment_batch(key, grid, row, 0..grid.cols, None, &cut))
+            .collect();
+        let all =
+            arrow::compute::concat_batches(&patch_schema(), &bands).map_err(|e| e.to_string())?;
+        let keep = expr
+            .evaluate(&all)
+            .and_then(|v| v.into_array(all.num_rows()))
+            .map_err(|e| format!("cell filter: {e}"))?;
+        let keep = keep
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or("cell filter is not boolean")?;
+        Ok(Some(
+            (0..keep.len())
+                .map(|i| keep.is_valid(i) && keep.value(i))
+                .collect(),
+        ))
+    }))
+}
+
+/// The `patches` table of a data set.
+#[derive(Debug)]
+pub struct PatchesTable {
+    data: DataSet,
+    /// Images that could not be read by any scan of this table (reported by `patchgd sql`).
+    pub failures: Arc<Mutex<Vec<Failure>>>,
+}
+
+impl PatchesTable {
+    pub fn new(data: DataSet) -> Self {
+        Self::with_failures(data, Default::default())
+    }
+
+    /// Report images that cannot be read into `failures`.
+    pub fn with_failures(data: DataSet, failures: Arc<Mutex<Vec<Failure>>>) -> Self {
+        Self { data, failures }
+    }
+}
+
+#[async_trait]
+impl TableProvider for PatchesTable {
+    fn schema(&self) -> SchemaRef {
+        patch_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if only(f, GEOMETRY_COLUMNS) {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let (images, listed, failures) = self.data.entries().await?;
+        let listed_count = listed.len();
+        let image_filter = conjunction(filters.iter().filter(|f| only(f, IMAGE_COLUMNS)).cloned());
+        let cell_filter = conjunction(
+            filters
+                .iter()
+                .filter(|f| only(f, GEOMETRY_COLUMNS) && !only(f, IMAGE_COLUMNS))
+                .cloned(),
+        );
+        let entries = filter_entries(state, listed, image_filter.clone())?;
+        let schema = patch_schema();
+        let mut config = self.data.stream.clone();
+        config.read = read_for(&schema, projection);
+        config.drop_unselected = true;
+        if let Some(f) = &cell_filter {
+            let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+            config.select = Some(cell_selector(
+                state.create_physical_expr(f.clone(), &df_schema)?,
+                config.channels,
+            ));
+        }
+        let projected = match projection {
+            Some(p) => Arc::new(schema.project(p)?),
+            None => schema,
+        };
+        self.failures.lock().unwrap().extend(failures.clone());
+        Ok(Arc::new(PatchesExec::new(
+            self.data.clone(),
+            images,
+            entries,
+            listed_count,
+            failures,
+            config,
+            projection.cloned(),
+            projected,
+            [image_filter, cell_filter],
+            self.failures.clone(),
+        )))
+    }
+}
+
+/// The source stage as a DataFusion leaf: one partition, patches in image order.
+pub struct PatchesExec {
+    data: DataSet,
+    images: crate::storage::Location,
+    entries: Vec<ImageEntry>,
+    listed: usize,
+    /// Failures known before streaming (objects without a label).
+    listing_failures: Vec<Failure>,
+    config: crate::source::StreamConfig,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    pushed: [Option<Expr>; 2],
+    failures: Arc<Mutex<Vec<Failure>>>,
+    metrics: ExecutionPlanMetricsSet,
+    failed: Count,
+    properties: Arc<PlanProperties>,
+}
+
+impl fmt::Debug for PatchesExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PatchesExec")
+    }
+}
+
+impl PatchesExec {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        data: DataSet,
+        images: crate::storage::Location,
+        entries: Vec<ImageEntry>,
+        listed: usize,
+        listing_failures: Vec<Failure>,
+        mut config: crate::source::StreamConfig,
+        projection: Option<Vec<usize>>,
+        schema: SchemaRef,
+        pushed: [Option<Expr>; 2],
+        failures: Arc<Mutex<Vec<Failure>>>,
+    ) -> Self {
+        let metrics = ExecutionPlanMetricsSet::new();
+        config.counters = SourceCounters {
+            opened: MetricBuilder::new(&metrics).global_counter("images_opened"),
+            decoded: MetricBuilder::new(&metrics).global_counter("images_decoded"),
+        };
+        let failed = MetricBuilder::new(&metrics).global_counter("images_failed");
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Self {
+            data,
+            images,
+            entries,
+            listed,
+            listing_failures,
+            config,
+            projection,
+            schema,
+            pushed,
+            failures,
+            metrics,
+            failed,
+            properties,
+        }
+    }
+}
+
+impl DisplayAs for PatchesExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let read = match self.config.read {
+            Read::Geometry => "geometry (headers only)",
+            Read::Statistics => "statistics (pixels decoded, not kept)",
+            Read::Pixels => "pixels",
+        };
+        write!(
+            f,
+            "PatchesExec: url={}, patch={}, stride={}, read={read}, images={} of {}",
+            self.data.images,
+            self.config.patch,
+            self.config.stride,
+            self.entries.len(),
+            self.listed
+        )?;
+        if let Some(e) = &self.pushed[0] {
+            write!(f, ", image_filter=[{e}]")?;
+        }
+        if let Some(e) = &self.pushed[1] {
+            write!(f, ", cell_filter=[{e}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for PatchesExec {
+    fn name(&self) -> &'static str {
+        "PatchesExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let (images, entries, config) = (
+            self.images.clone(),
+            self.entries.clone(),
+            self.config.clone(),
+        );
+        let (projection, failures, failed) = (
+            self.projection.clone(),
+            self.failures.clone(),
+            self.failed.clone(),
+        );
+        failed.add(self.listing_failures.len());
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(0);
+        // Started on first poll, inside the runtime that drives the query.
+        let stream = futures::stream::once(async move {
+            futures::stream::unfold(stream_images(images, entries, config), move |mut rx| {
+                let (projection, failures, failed, output_rows) = (
+                    projection.clone(),
+                    failures.clone(),
+                    failed.clone(),
+                    output_rows.clone(),
+                );
+                async move {
+                    loop {
+                        match rx.recv().await? {
+                            SourceItem::Batch(b) => {
+                                let batch = match &projection {
+                                    Some(p) => b.batch.project(p).map_err(Into::into),
+                                    None => Ok(b.batch),
+                                };
+                                if let Ok(b) = &batch {
+                                    output_rows.add(b.num_rows());
+                                }
+                                return Some((batch, rx));
+                            }
+                            SourceItem::Failed(f) => {
+                                failed.add(1);
+                                failures.lock().unwrap().push(f);
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+}
