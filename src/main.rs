@@ -183,7 +183,9 @@ fn sql(args: SqlArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let ctx = session();
     let reported = rt.block_on(register(&ctx, &sources))?;
+    let wants_latents = args.query.as_ref().is_none_or(|q| q.contains("latents"));
     if let Some(run) = &sources.run
+        && wants_latents
         && !ctx.table_exist("latents")?
     {
         eprintln!("note: no latents table: run '{run}' has no complete checkpoint");

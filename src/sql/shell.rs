@@ -65,7 +65,7 @@ fn report_failures(reported: &Reported) {
         return;
     }
     eprintln!(
-        "warning: {} image{} could not be read (they are not in the result):",
+        "warning: {} image{} could not be read (not in the result):",
         failures.len(),
         if failures.len() == 1 { "" } else { "s" }
     );
