@@ -14,7 +14,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DFSchema, Result};
+use datafusion::common::{DFSchema, Result, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::logical_expr::utils::conjunction;
@@ -96,6 +96,32 @@ fn listing_batch(entries: &[ImageEntry]) -> Result<RecordBatch> {
     )?)
 }
 
+/// The images of `entries` that `filter` keeps: it may use the listing's columns (`image_id`,
+/// `url`, `bytes`, `label`, `split`). This is how listing-level filters of both tables prune
+/// images before anything is read.
+pub(crate) fn filter_entries(
+    state: &dyn Session,
+    entries: Vec<ImageEntry>,
+    filter: Option<Expr>,
+) -> Result<Vec<ImageEntry>> {
+    let Some(filter) = filter else {
+        return Ok(entries);
+    };
+    let batch = listing_batch(&entries)?;
+    let df_schema = DFSchema::try_from(batch.schema().as_ref().clone())?;
+    let expr = state.create_physical_expr(filter, &df_schema)?;
+    let keep = expr.evaluate(&batch)?.into_array(batch.num_rows())?;
+    let Some(keep) = keep.as_any().downcast_ref::<arrow::array::BooleanArray>() else {
+        return plan_err!("a filter on the image listing is not boolean: {expr}");
+    };
+    Ok(entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.is_valid(*i) && keep.value(*i))
+        .map(|(_, e)| e)
+        .collect())
+}
+
 #[async_trait]
 impl TableProvider for ImagesTable {
     fn schema(&self) -> SchemaRef {
@@ -129,21 +155,10 @@ impl TableProvider for ImagesTable {
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (loc, mut entries, failures) = self.data.entries().await?;
+        let (loc, entries, failures) = self.data.entries().await?;
         self.failures.lock().unwrap().extend(failures);
-        if let Some(filter) = conjunction(filters.iter().filter(|f| listing_only(f)).cloned()) {
-            let batch = listing_batch(&entries)?;
-            let df_schema = DFSchema::try_from(batch.schema().as_ref().clone())?;
-            let expr = state.create_physical_expr(filter, &df_schema)?;
-            let keep = expr.evaluate(&batch)?.into_array(batch.num_rows())?;
-            let keep = arrow::array::as_boolean_array(&keep).clone();
-            entries = entries
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| keep.is_valid(*i) && keep.value(*i))
-                .map(|(_, e)| e)
-                .collect();
-        }
+        let filter = conjunction(filters.iter().filter(|f| listing_only(f)).cloned());
+        let entries = filter_entries(state, entries, filter)?;
         let schema = images_schema();
         let wanted: Vec<usize> = projection
             .cloned()

@@ -149,15 +149,18 @@ pub async fn register(
     Ok(reported)
 }
 
-/// Statements the read-only surface refuses, by their first keyword.
-fn refused_kind(sql: &str) -> Option<&'static str> {
-    let first = sql
-        .trim_start()
-        .split(|c: char| c.is_whitespace() || c == '(')
+/// A statement's first keyword, upper case.
+fn first_keyword(sql: &str) -> String {
+    sql.trim_start()
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ';')
         .next()
         .unwrap_or("")
-        .to_ascii_uppercase();
-    match first.as_str() {
+        .to_ascii_uppercase()
+}
+
+/// Statements the read-only surface refuses, by their first keyword.
+fn refused_kind(sql: &str) -> Option<&'static str> {
+    match first_keyword(sql).as_str() {
         "CREATE" | "DROP" | "ALTER" | "TRUNCATE" => Some("DDL"),
         "INSERT" | "UPDATE" | "DELETE" | "MERGE" => Some("DML"),
         "COPY" => Some("COPY"),

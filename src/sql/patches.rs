@@ -15,7 +15,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::array::{Array, BooleanArray, RecordBatch};
 use arrow::datatypes::{Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
@@ -38,6 +38,7 @@ use datafusion::physical_plan::{
 use futures::StreamExt;
 
 use super::DataSet;
+use super::images::filter_entries;
 use crate::patch::batch::{Cut, ImageKey, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::source::stream::{CellSelector, Read, SourceCounters};
@@ -91,53 +92,6 @@ pub fn read_for(schema: &Schema, projection: Option<&Vec<usize>>) -> Read {
     } else {
         Read::Geometry
     }
-}
-
-/// The images of `entries` that `filter` (over image columns only) keeps.
-pub fn filter_entries(
-    state: &dyn Session,
-    entries: Vec<ImageEntry>,
-    filter: Option<Expr>,
-) -> Result<Vec<ImageEntry>> {
-    let Some(filter) = filter else {
-        return Ok(entries);
-    };
-    let schema = Arc::new(patch_schema().project(&[0, 1, 2])?);
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                entries.iter().map(|e| e.image_id.as_str()),
-            )),
-            Arc::new(Int64Array::from_iter(entries.iter().map(|e| e.label))),
-            Arc::new(StringArray::from_iter(
-                entries.iter().map(|e| e.split.map(|s| s.as_str())),
-            )),
-        ],
-    )?;
-    let keep = evaluate(state, &filter, &schema, &batch)?;
-    Ok(entries
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| keep.is_valid(*i) && keep.value(*i))
-        .map(|(_, e)| e)
-        .collect())
-}
-
-fn evaluate(
-    state: &dyn Session,
-    filter: &Expr,
-    schema: &SchemaRef,
-    batch: &RecordBatch,
-) -> Result<BooleanArray> {
-    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
-    let expr = state.create_physical_expr(filter.clone(), &df_schema)?;
-    let value = expr.evaluate(batch)?.into_array(batch.num_rows())?;
-    Ok(value
-        .as_any()
-        .downcast_ref::<BooleanArray>()
-        .cloned()
-        .unwrap_or_else(|| BooleanArray::from(vec![true; batch.num_rows()])))
 }
 
 /// A cell selector from a physical filter over the patch schema, evaluated on an image's

@@ -14,7 +14,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, UInt32Type};
 use datafusion::error::DataFusionError;
 
-use super::{DataSet, Sources, query, refused_kind, register, session};
+use super::{DataSet, Sources, first_keyword, query, refused_kind, register, session};
 use crate::patch::Grid;
 use crate::patch::batch::ImageKey;
 use crate::source::Failure;
@@ -50,12 +50,7 @@ impl Selection {
 
 /// Refuse what is not a query, naming `select:`.
 pub fn check_query(sql: &str) -> Result<(), DataFusionError> {
-    let first = sql
-        .trim_start()
-        .split(|c: char| c.is_whitespace() || c == '(')
-        .next()
-        .unwrap_or("")
-        .to_ascii_uppercase();
+    let first = first_keyword(sql);
     if refused_kind(sql).is_some() || !["SELECT", "WITH", "VALUES"].contains(&first.as_str()) {
         let shown: String = sql.trim().chars().take(60).collect();
         return Err(DataFusionError::Plan(format!(
