@@ -9,6 +9,7 @@
 
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
+use patchgd::patch::Foreground;
 use patchgd::sql::{DataSet, Sources, register};
 use patchgd::storage::Location;
 use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
@@ -32,6 +33,12 @@ async fn main() -> anyhow::Result<()> {
     let ctx = SessionContext::new();
     let mut data = DataSet::new(&images, 128);
     data.stream.channels = 1;
+    // UltraMNIST: white digits on black, so foreground is brighter than the threshold.
+    data.stream.foreground = Foreground {
+        threshold: 32,
+        light_background: false,
+        min_fraction: 0.0,
+    };
     register(
         &ctx,
         &Sources {
