@@ -274,7 +274,10 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
             .images
             .retain(|e| selection.images.contains(&e.image_id) && !failed.contains(&e.image_id));
         deselected = before - catalog.images.len() - failed.len();
-        stream_config.select = selection.cell_selector();
+        // GD reads whole images: a patch selection chooses its images only.
+        if def.method == Method::Patchgd {
+            stream_config.select = selection.cell_selector();
+        }
     }
     let train_set = catalog.split(Split::Train);
     let val_set = catalog.split(Split::Val);

@@ -432,6 +432,16 @@ fn cut_raster(
         .map_err(|e| failure(entry, "patch", e.to_string()))?;
     let raster = Raster::whole(pixels, width, height, config.channels);
     let key = key_of(entry);
+    // Not chosen before decoding (the header did not give the size): choose now.
+    let computed;
+    let selected = match selected {
+        None if config.select.is_some() => {
+            computed = select_cells(config, &key, &grid, level)
+                .map_err(|m| failure(entry, "select", m))?;
+            computed.as_deref()
+        }
+        given => given,
+    };
     let cut = cut_of(config, level, selected);
     Ok((0..grid.rows)
         .map(|row| {
