@@ -22,7 +22,7 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
-use super::DataSet;
+use super::{DataSet, pushdown, reads_only};
 use crate::source::inspect::{ImageInfo, inspect};
 use crate::source::{Failure, ImageEntry};
 
@@ -53,9 +53,7 @@ const LISTING_COLUMNS: &[&str] = &["image_id", "url", "bytes", "label", "split"]
 const HEADER_READS_IN_FLIGHT: usize = 16;
 
 fn listing_only(expr: &Expr) -> bool {
-    expr.column_refs()
-        .iter()
-        .all(|c| LISTING_COLUMNS.contains(&c.name.as_str()))
+    reads_only(expr, LISTING_COLUMNS)
 }
 
 #[derive(Debug)]
@@ -136,16 +134,7 @@ impl TableProvider for ImagesTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if listing_only(f) {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(pushdown(filters, listing_only))
     }
 
     async fn scan(

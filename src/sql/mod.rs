@@ -149,6 +149,26 @@ pub async fn register(
     Ok(reported)
 }
 
+/// Whether `expr` reads only `columns`.
+fn reads_only(expr: &datafusion::logical_expr::Expr, columns: &[&str]) -> bool {
+    expr.column_refs()
+        .iter()
+        .all(|c| columns.contains(&c.name.as_str()))
+}
+
+/// Pushdown answers for a scan: `Inexact` for the filters it can use (DataFusion still applies
+/// them), `Unsupported` for the rest.
+fn pushdown(
+    filters: &[&datafusion::logical_expr::Expr],
+    usable: impl Fn(&datafusion::logical_expr::Expr) -> bool,
+) -> Vec<datafusion::logical_expr::TableProviderFilterPushDown> {
+    use datafusion::logical_expr::TableProviderFilterPushDown::{Inexact, Unsupported};
+    filters
+        .iter()
+        .map(|f| if usable(f) { Inexact } else { Unsupported })
+        .collect()
+}
+
 /// A statement's first keyword, upper case.
 fn first_keyword(sql: &str) -> String {
     sql.trim_start()

@@ -37,8 +37,8 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-use super::DataSet;
 use super::images::filter_entries;
+use super::{DataSet, pushdown, reads_only};
 use crate::patch::batch::{Cut, ImageKey, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::source::stream::{CellSelector, Read, SourceCounters};
@@ -61,20 +61,6 @@ pub const GEOMETRY_COLUMNS: &[&str] = &[
     "size",
     "channels",
 ];
-
-/// Which columns a filter reads.
-fn columns_of(expr: &Expr) -> Vec<String> {
-    expr.column_refs()
-        .into_iter()
-        .map(|c| c.name.clone())
-        .collect()
-}
-
-fn only(expr: &Expr, allowed: &[&str]) -> bool {
-    columns_of(expr)
-        .iter()
-        .all(|c| allowed.contains(&c.as_str()))
-}
 
 /// What a projection needs read.
 pub fn read_for(schema: &Schema, projection: Option<&Vec<usize>>) -> Read {
@@ -159,16 +145,7 @@ impl TableProvider for PatchesTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if only(f, GEOMETRY_COLUMNS) {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(pushdown(filters, |f| reads_only(f, GEOMETRY_COLUMNS)))
     }
 
     async fn scan(
@@ -180,11 +157,16 @@ impl TableProvider for PatchesTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let (images, listed, failures) = self.data.entries().await?;
         let listed_count = listed.len();
-        let image_filter = conjunction(filters.iter().filter(|f| only(f, IMAGE_COLUMNS)).cloned());
+        let image_filter = conjunction(
+            filters
+                .iter()
+                .filter(|f| reads_only(f, IMAGE_COLUMNS))
+                .cloned(),
+        );
         let cell_filter = conjunction(
             filters
                 .iter()
-                .filter(|f| only(f, GEOMETRY_COLUMNS) && !only(f, IMAGE_COLUMNS))
+                .filter(|f| reads_only(f, GEOMETRY_COLUMNS) && !reads_only(f, IMAGE_COLUMNS))
                 .cloned(),
         );
         let entries = filter_entries(state, listed, image_filter.clone())?;
