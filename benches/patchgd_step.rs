@@ -38,16 +38,16 @@ fn bench(
         device,
     );
     let mut opt = Adam::new(model.trainable(), 0.0);
-    let batch = GridBatch {
-        patches: Tensor::randn(
+    let batch = GridBatch::from_input(
+        Tensor::randn(
             [IMAGES, GRID * GRID, 3, PATCH, PATCH],
             (Kind::Float, device),
         ),
-        labels: Tensor::from_slice(&[0i64, 1, 2, 3][..IMAGES as usize]).to_device(device),
-        rows: GRID,
-        cols: GRID,
-        mask: None,
-    };
+        Tensor::from_slice(&[0i64, 1, 2, 3][..IMAGES as usize]).to_device(device),
+        GRID,
+        GRID,
+        None,
+    );
     let mut rng = Rng::new(1);
     let mut times = Vec::new();
     let mut passes = 0;

@@ -8,7 +8,7 @@ pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
 
 use tch::nn;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -35,6 +35,8 @@ pub struct Model {
     backbone: Backbone,
     head: Option<Head>,
     classifier: Option<nn::Linear>,
+    /// Forward passes under fp16 autocast (CUDA), outputs back in fp32.
+    mixed: bool,
 }
 
 impl Model {
@@ -74,6 +76,21 @@ impl Model {
             backbone,
             head,
             classifier,
+            mixed: false,
+        }
+    }
+
+    /// Run forward passes under fp16 autocast (mixed precision; takes effect on CUDA only).
+    pub fn set_mixed_precision(&mut self, on: bool) {
+        self.mixed = on;
+    }
+
+    /// `f` under autocast when mixed, its output in fp32 either way.
+    fn forward(&self, f: impl FnOnce() -> Tensor) -> Tensor {
+        if self.mixed {
+            tch::autocast(true, f).to_kind(tch::Kind::Float)
+        } else {
+            f()
         }
     }
 
@@ -83,24 +100,25 @@ impl Model {
 
     /// Patches (N x C x m x m, normalised) -> N x D.
     pub fn encode(&self, patches: &Tensor, train: bool) -> Tensor {
-        self.backbone.forward_t(patches, train)
+        self.forward(|| self.backbone.forward_t(patches, train))
     }
 
     /// Latent grid (B x D x rows x cols) -> B x classes logits.
     pub fn classify_grid(&self, z: &Tensor, train: bool) -> Tensor {
-        self.head
+        let head = self
+            .head
             .as_ref()
-            .expect("classify_grid needs a PatchGD model")
-            .forward_t(z, train)
+            .expect("classify_grid needs a PatchGD model");
+        self.forward(|| head.forward_t(z, train))
     }
 
     /// Whole-image vectors (B x D) -> B x classes logits (the GD baseline).
     pub fn classify_vector(&self, v: &Tensor) -> Tensor {
-        v.apply(
-            self.classifier
-                .as_ref()
-                .expect("classify_vector needs a GD model"),
-        )
+        let classifier = self
+            .classifier
+            .as_ref()
+            .expect("classify_vector needs a GD model");
+        self.forward(|| v.apply(classifier))
     }
 
     /// Every variable (parameters and BatchNorm buffers) by name, sorted: what the weights file holds.
@@ -153,15 +171,4 @@ impl Model {
             .filter(|(_, t)| t.requires_grad())
             .collect()
     }
-}
-
-/// u8 HWC patches (n x m x m x c bytes) -> n x c x m x m float in [-1, 1] on `device`.
-pub fn to_input(pixels: &[u8], n: usize, m: usize, c: usize, device: Device) -> Tensor {
-    Tensor::from_slice(pixels)
-        .view([n as i64, m as i64, m as i64, c as i64])
-        .to_device(device)
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        .g_div_scalar(127.5)
-        .g_sub_scalar(1.0)
 }

@@ -12,6 +12,7 @@ use arrow::record_batch::RecordBatch;
 
 use super::PatchError;
 use super::grid::{Grid, copy_patch};
+use super::spool::{PatchPixels, Spool, SpoolPolicy};
 
 static PATCH_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -314,8 +315,9 @@ pub struct ImagePatches {
     pub grid_cols: usize,
     pub patch: usize,
     pub channels: usize,
-    /// cells x patch x patch x channels bytes (HWC per cell); zero for absent cells.
-    pub pixels: Vec<u8>,
+    /// cells x patch x patch x channels bytes (HWC per cell); zero for absent cells. In memory,
+    /// or in a spool file when the image is larger than the assembler's spool threshold.
+    pub pixels: PatchPixels,
     /// Cells whose pixels arrived; false where the foreground filter dropped them.
     pub present: Vec<bool>,
 }
@@ -327,6 +329,10 @@ impl ImagePatches {
 
     pub fn all_present(&self) -> bool {
         self.present.iter().all(|&p| p)
+    }
+
+    pub fn patch_bytes(&self) -> usize {
+        self.patch * self.patch * self.channels
     }
 }
 
@@ -340,6 +346,7 @@ struct Partial {
 #[derive(Default)]
 pub struct ImageAssembler {
     partial: HashMap<String, Partial>,
+    spool: SpoolPolicy,
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, PatchError> {
@@ -352,6 +359,14 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, P
 }
 
 impl ImageAssembler {
+    /// An assembler that spools images larger than `policy.above_bytes` to temporary files.
+    pub fn with_spool(policy: SpoolPolicy) -> Self {
+        Self {
+            partial: HashMap::new(),
+            spool: policy,
+        }
+    }
+
     /// Adds a batch; returns the images it completed.
     pub fn push(&mut self, batch: &RecordBatch) -> Result<Vec<ImagePatches>, PatchError> {
         let ids = column::<StringArray>(batch, "image_id")?;
@@ -374,26 +389,41 @@ impl ImageAssembler {
                 channels.value(i) as usize,
             );
             let patch_bytes = m * m * ch;
-            let entry = self
-                .partial
-                .entry(id.to_string())
-                .or_insert_with(|| Partial {
-                    image: ImagePatches {
-                        key: ImageKey {
-                            image_id: id.to_string(),
-                            label: labels.is_valid(i).then(|| labels.value(i)),
-                            split: splits.is_valid(i).then(|| splits.value(i).to_string()),
-                        },
-                        grid_rows: gr,
-                        grid_cols: gc,
-                        patch: m,
-                        channels: ch,
-                        pixels: vec![0; gr * gc * patch_bytes],
-                        present: vec![false; gr * gc],
+            if !self.partial.contains_key(id) {
+                let cells = gr * gc;
+                let pixels = if cells * patch_bytes > self.spool.above_bytes {
+                    let spool = Spool::new(self.spool.dir.as_ref(), cells, patch_bytes)
+                        .map_err(|e| {
+                            PatchError::Spool(format!(
+                                "image '{id}' ({} MiB of patches): {e}",
+                                (cells * patch_bytes) >> 20
+                            ))
+                        })?;
+                    PatchPixels::Spooled(spool)
+                } else {
+                    PatchPixels::Memory(vec![0; cells * patch_bytes])
+                };
+                let image = ImagePatches {
+                    key: ImageKey {
+                        image_id: id.to_string(),
+                        label: labels.is_valid(i).then(|| labels.value(i)),
+                        split: splits.is_valid(i).then(|| splits.value(i).to_string()),
                     },
-                    seen: vec![false; gr * gc],
-                    remaining: gr * gc,
-                });
+                    grid_rows: gr,
+                    grid_cols: gc,
+                    patch: m,
+                    channels: ch,
+                    pixels,
+                    present: vec![false; cells],
+                };
+                let partial = Partial {
+                    image,
+                    seen: vec![false; cells],
+                    remaining: cells,
+                };
+                self.partial.insert(id.to_string(), partial);
+            }
+            let entry = self.partial.get_mut(id).expect("inserted above");
             let (r, c) = (rows.value(i) as usize, cols.value(i) as usize);
             let img = &entry.image;
             if (img.grid_rows, img.grid_cols, img.patch, img.channels) != (gr, gc, m, ch)
@@ -413,8 +443,14 @@ impl ImageAssembler {
                         value.len()
                     )));
                 }
-                entry.image.pixels[cell * patch_bytes..(cell + 1) * patch_bytes]
-                    .copy_from_slice(value);
+                match &mut entry.image.pixels {
+                    PatchPixels::Memory(v) => {
+                        v[cell * patch_bytes..(cell + 1) * patch_bytes].copy_from_slice(value)
+                    }
+                    PatchPixels::Spooled(s) => s.write_cell(cell, value).map_err(|e| {
+                        PatchError::Spool(format!("image '{id}', patch ({r}, {c}): {e}"))
+                    })?,
+                }
                 entry.image.present[cell] = true;
             }
             if !std::mem::replace(&mut entry.seen[cell], true) {
@@ -466,9 +502,40 @@ mod tests {
         let im = &done[0];
         assert_eq!(im.key, key);
         // cell (1, 0) is the bottom-left patch: pixels (0,2),(1,2),(0,3),(1,3) -> 8, 9, 12, 13
-        assert_eq!(&im.pixels[2 * 4..3 * 4], &[8, 9, 12, 13]);
-        assert_eq!(&im.pixels[4..8], &[2, 3, 6, 7]);
+        assert_eq!(&im.pixels.memory().unwrap()[2 * 4..3 * 4], &[8, 9, 12, 13]);
+        assert_eq!(&im.pixels.memory().unwrap()[4..8], &[2, 3, 6, 7]);
         assert!(asm.incomplete().is_empty());
+    }
+
+    #[test]
+    fn an_image_above_the_spool_threshold_is_spooled_with_the_same_cells() {
+        let px: Vec<u8> = (0..16).collect();
+        let img = Raster::whole(&px, 4, 4, 1);
+        let grid = Grid::new(4, 4, 2, 2).unwrap();
+        let key = ImageKey {
+            image_id: "s".into(),
+            label: Some(0),
+            split: None,
+        };
+        // 4 cells of 4 bytes = 16 bytes: a threshold of 15 spools it, 16 keeps it in memory.
+        for (above, spooled) in [(15, true), (16, false)] {
+            let mut asm = ImageAssembler::with_spool(SpoolPolicy {
+                above_bytes: above,
+                dir: None,
+            });
+            asm.push(&band_batch(&key, &grid, 0, &img, 0, &Foreground::default()))
+                .unwrap();
+            let done = asm
+                .push(&band_batch(&key, &grid, 1, &img, 0, &Foreground::default()))
+                .unwrap();
+            let im = &done[0];
+            assert_eq!(im.pixels.is_spooled(), spooled);
+            let mut cell = [0u8; 4];
+            im.pixels.read_cell(2, &mut cell).unwrap();
+            assert_eq!(cell, [8, 9, 12, 13]);
+            im.pixels.read_cell(1, &mut cell).unwrap();
+            assert_eq!(cell, [2, 3, 6, 7]);
+        }
     }
 
     #[test]
@@ -503,6 +570,6 @@ mod tests {
         assert_eq!((pixels.is_valid(0), pixels.is_valid(1)), (true, false));
         let done = ImageAssembler::default().push(&b).unwrap();
         assert_eq!(done[0].present, vec![true, false]);
-        assert_eq!(&done[0].pixels[4..], &[0, 0, 0, 0]);
+        assert_eq!(&done[0].pixels.memory().unwrap()[4..], &[0, 0, 0, 0]);
     }
 }

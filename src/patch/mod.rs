@@ -3,9 +3,11 @@
 
 pub mod batch;
 pub mod grid;
+pub mod spool;
 
 pub use batch::{Foreground, ImageAssembler, ImagePatches, Raster, patch_schema};
 pub use grid::Grid;
+pub use spool::{PatchPixels, Spool, SpoolPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
@@ -19,4 +21,6 @@ pub enum PatchError {
     Geometry(String),
     #[error("malformed patch batch: {0}")]
     Malformed(String),
+    #[error("cannot spool patches to a temporary file: {0}")]
+    Spool(String),
 }

@@ -8,7 +8,7 @@ use crate::model::{BackboneKind, Method};
 use crate::patch::Foreground;
 use crate::source::StreamConfig;
 use crate::storage::StoreOptions;
-use crate::train::Accumulation;
+use crate::train::{Accumulation, Precision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
@@ -304,6 +304,13 @@ pub struct TrainSpec {
     pub device: DeviceChoice,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// An image whose patch pixels exceed this many MiB waits for its step in an unnamed
+    /// temporary file ($TMPDIR) instead of memory, so memory stays flat in image size.
+    #[serde(default = "default_spool_above_mib")]
+    pub spool_above_mib: f64,
+    /// `f32`, or `f16`: mixed precision on CUDA (fp16 autocast, loss scaling, fp32 weights).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -370,6 +377,9 @@ fn default_fill_chunk() -> i64 {
 }
 fn default_gd_size() -> u32 {
     256
+}
+fn default_spool_above_mib() -> f64 {
+    16.0
 }
 fn default_lr() -> f64 {
     1e-3
@@ -599,6 +609,9 @@ impl Definition {
         }
         if !(t.weight_decay >= 0.0) {
             return bad("train.weight_decay", "must be 0 or more".into());
+        }
+        if self.train.spool_above_mib.is_nan() || self.train.spool_above_mib < 0.0 {
+            return bad("train.spool_above_mib", "must be 0 or more (MiB)".into());
         }
         if let Some(s) = &self.synth {
             if s.classes < 2 || s.classes > 46 {

@@ -12,6 +12,7 @@ use tch::Device;
 
 use super::definition::{Definition, DeviceChoice, OnError};
 use crate::model::{Method, Model, ModelSpec};
+use crate::patch::SpoolPolicy;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
@@ -21,6 +22,7 @@ use crate::state::checkpoint::{self, CheckpointError};
 use crate::state::resume::{TrainingState, inexact_change};
 use crate::storage::Location;
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
+use crate::train::{LossScaler, Precision};
 use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +306,13 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         )));
     }
     let device = choose_device(def.train.device)?;
+    if def.train.precision == Precision::F16 && !device.is_cuda() {
+        return Err(RunError::Device(format!(
+            "train.precision f16 needs a CUDA device (libtorch's autocast, as tch exposes it, \
+             covers CUDA only), but this run's device is {}; use precision f32",
+            device_name(device)
+        )));
+    }
     let spec = ModelSpec {
         method: def.method,
         backbone: def.model.backbone,
@@ -319,8 +328,10 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
             .round() as u64,
     };
+    let mut model = Model::seeded(spec, device, def.train.seed);
+    model.set_mixed_precision(def.train.precision == Precision::F16);
     let mut trainer = Trainer::new(
-        Model::seeded(spec, device, def.train.seed),
+        model,
         TrainerConfig {
             batch_size: def.train.batch_size,
             sampling_fraction: def.patchgd.sampling_fraction,
@@ -330,6 +341,10 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
             weight_decay: def.train.weight_decay,
             seed: def.train.seed,
             reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
+            spool: SpoolPolicy {
+                above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
+                dir: None,
+            },
         },
         LatentStore::new(
             def.latent.budget_mib << 20,
@@ -337,6 +352,9 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         )
         .map_err(|e| RunError::Data(e.to_string()))?,
     );
+    if def.train.precision == Precision::F16 {
+        trainer.optimizer.scaler = Some(LossScaler::default());
+    }
     let ckpt_root = Location::parse_with(&def.checkpoint_url(), &def.storage)?;
     let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
     let mut metrics: Vec<EpochMetrics> = Vec::new();

@@ -48,6 +48,8 @@ const HARMLESS: &[&str] = &[
     "synth",
     "latent.budget_mib",
     "latent.spill_dir",
+    // Where pixels wait for their step, not what is computed.
+    "train.spool_above_mib",
     // Compared through the effective decay horizon below.
     "train.epochs",
 ];

@@ -6,9 +6,8 @@ use super::patchgd::{GridBatch, StepOutcome};
 use crate::model::Model;
 
 fn images(batch: &GridBatch) -> tch::Tensor {
-    let s = batch.patches.size();
-    assert_eq!(s[1], 1, "GD takes whole images: a 1 x 1 grid per image");
-    batch.patches.view([s[0], s[2], s[3], s[4]])
+    assert_eq!(batch.cells(), 1, "GD takes whole images: a 1 x 1 grid per image");
+    batch.patches(&(0..batch.batch_size()).collect::<Vec<i64>>())
 }
 
 pub fn gd_step(model: &Model, opt: &mut Adam, lr: f64, batch: &GridBatch) -> StepOutcome {
@@ -16,13 +15,13 @@ pub fn gd_step(model: &Model, opt: &mut Adam, lr: f64, batch: &GridBatch) -> Ste
     let logits = model.classify_vector(&model.encode(&images(batch), true));
     let loss = logits.cross_entropy_for_logits(&batch.labels);
     let value = loss.double_value(&[]);
-    loss.backward();
-    opt.step(lr);
+    (loss * opt.loss_scale()).backward();
+    let stepped = opt.step(lr);
     opt.zero_grad();
     StepOutcome {
         loss: value,
         logits: logits.detach(),
-        optimizer_steps: 1,
+        optimizer_steps: stepped as usize,
         patch_passes: batch.batch_size() as usize,
         z: tch::Tensor::new(),
         cell_steps: Vec::new(),

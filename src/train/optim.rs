@@ -3,6 +3,8 @@
 
 use tch::Tensor;
 
+use super::precision::LossScaler;
+
 pub struct Adam {
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
@@ -13,6 +15,8 @@ pub struct Adam {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Mixed precision: gradients arrive multiplied by the scale (see [`Adam::loss_scale`]).
+    pub scaler: Option<LossScaler>,
 }
 
 impl Adam {
@@ -29,7 +33,13 @@ impl Adam {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            scaler: None,
         }
+    }
+
+    /// What the loss must be multiplied by before `backward` (1 without loss scaling).
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.as_ref().map_or(1.0, |s| s.scale)
     }
 
     pub fn zero_grad(&mut self) {
@@ -38,8 +48,24 @@ impl Adam {
         }
     }
 
-    /// One Adam step at learning rate `lr` for every parameter that has a gradient.
-    pub fn step(&mut self, lr: f64) {
+    /// One Adam step at learning rate `lr` for every parameter that has a gradient. With loss
+    /// scaling, the gradients are unscaled first and a step whose gradients are not finite is
+    /// skipped (returns false; the step count does not move).
+    pub fn step(&mut self, lr: f64) -> bool {
+        if let Some(mut scaler) = self.scaler.take() {
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p.grad())
+                .filter(|g| g.defined())
+                .collect();
+            let finite = scaler.unscale(&grads);
+            scaler.update(finite);
+            self.scaler = Some(scaler);
+            if !finite {
+                return false;
+            }
+        }
         self.steps += 1;
         let t = self.steps as f64;
         let bc1 = 1.0 - self.beta1.powf(t);
@@ -66,6 +92,7 @@ impl Adam {
                 let _ = p.g_sub_(&update);
             }
         });
+        true
     }
 
     /// Restore the moments (as written by [`Adam::state`]) and the step count.
@@ -84,6 +111,12 @@ impl Adam {
                 tch::no_grad(|| slot.copy_(&t.to_device(p.device())));
             }
         }
+        if let Some(s) = &mut self.scaler {
+            let t = by_name
+                .get("scaler")
+                .ok_or("optimizer state has no loss scaler (the run was saved without mixed precision)")?;
+            *s = LossScaler::from_tensor(t)?;
+        }
         self.steps = steps;
         Ok(())
     }
@@ -94,6 +127,9 @@ impl Adam {
         for (i, (name, _)) in self.params.iter().enumerate() {
             out.push((format!("m.{name}"), self.m[i].shallow_clone()));
             out.push((format!("v.{name}"), self.v[i].shallow_clone()));
+        }
+        if let Some(s) = &self.scaler {
+            out.push(("scaler".into(), s.to_tensor()));
         }
         out
     }

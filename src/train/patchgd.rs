@@ -7,71 +7,10 @@
 
 use tch::{Device, Kind, Tensor};
 
+pub use super::batch::GridBatch;
 use super::optim::Adam;
 use super::schedule::StepPlan;
-use crate::model::{Model, to_input};
-use crate::patch::ImagePatches;
-
-/// A mini-batch of same-sized images: patches B x K x C x m x m (normalised), labels B.
-pub struct GridBatch {
-    pub patches: Tensor,
-    pub labels: Tensor,
-    pub rows: i64,
-    pub cols: i64,
-    /// B x K x 1, 1 where a cell's patch is present; `None` when all are. Absent cells (the
-    /// foreground filter dropped them) are never encoded and stay zero in Z.
-    pub mask: Option<Tensor>,
-}
-
-impl GridBatch {
-    /// Stack same-shaped images into a batch on `device`.
-    pub fn from_images(images: &[ImagePatches], device: Device) -> Self {
-        let first = &images[0];
-        let (k, m, c) = (first.cells(), first.patch, first.channels);
-        let mut bytes = Vec::with_capacity(images.len() * first.pixels.len());
-        for im in images {
-            assert_eq!(
-                (im.grid_rows, im.grid_cols, im.patch, im.channels),
-                (first.grid_rows, first.grid_cols, m, c)
-            );
-            bytes.extend_from_slice(&im.pixels);
-        }
-        let b = images.len();
-        let patches = to_input(&bytes, b * k, m, c, device)
-            .view([b as i64, k as i64, c as i64, m as i64, m as i64]);
-        let labels: Vec<i64> = images.iter().map(|im| im.key.label.unwrap_or(-1)).collect();
-        let mask = (!images.iter().all(|im| im.all_present())).then(|| {
-            let m: Vec<f32> = images
-                .iter()
-                .flat_map(|im| im.present.iter().map(|&p| p as u8 as f32))
-                .collect();
-            Tensor::from_slice(&m)
-                .view([b as i64, k as i64, 1])
-                .to_device(device)
-        });
-        Self {
-            patches,
-            labels: Tensor::from_slice(&labels).to_device(device),
-            rows: first.grid_rows as i64,
-            cols: first.grid_cols as i64,
-            mask,
-        }
-    }
-
-    pub fn batch_size(&self) -> i64 {
-        self.patches.size()[0]
-    }
-    pub fn cells(&self) -> i64 {
-        self.rows * self.cols
-    }
-    /// Present patches over the whole batch (what a fill pass encodes).
-    pub fn present_cells(&self) -> i64 {
-        match &self.mask {
-            Some(m) => m.sum(Kind::Float).double_value(&[]) as i64,
-            None => self.batch_size() * self.cells(),
-        }
-    }
-}
+use crate::model::Model;
 
 /// What an outer step did.
 pub struct StepOutcome {
@@ -108,43 +47,34 @@ pub fn fill(
     train: bool,
     reuse: Option<&Reuse>,
 ) -> (Tensor, i64) {
-    let size = batch.patches.size();
-    let (b, k) = (size[0], size[1]);
-    let device = batch.patches.device();
-    let flat = batch.patches.view([b * k, size[2], size[3], size[4]]);
-    let mut need = batch.mask.as_ref().map(|m| m.view([b * k]).gt(0.5));
+    let (b, k) = (batch.batch_size(), batch.cells());
+    let device = batch.device();
+    let mut need = batch.present_flat();
     if let Some(r) = reuse {
-        let c = r.compute.view([b * k]).to_device(device);
-        need = Some(match need {
-            Some(n) => n.logical_and(&c),
-            None => c,
-        });
+        let compute: Vec<bool> =
+            Vec::try_from(r.compute.view([-1]).to_device(Device::Cpu)).expect("mask to Vec");
+        need.retain(|&i| compute[i as usize]);
     }
-    let idx = need.map(|n| n.nonzero().view([-1]));
-    let input = match &idx {
-        Some(i) => flat.index_select(0, i),
-        None => flat,
-    };
+    let every_cell = need.len() as i64 == b * k && reuse.is_none();
     tch::no_grad(|| {
-        let n = input.size()[0];
-        let mut outs = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            outs.push(model.encode(&input.narrow(0, start, len), train));
-            start += len;
-        }
+        let outs: Vec<Tensor> = need
+            .chunks(chunk.max(1) as usize)
+            .map(|cells| model.encode(&batch.patches(cells), train))
+            .collect();
         let d = model.spec.latent_dim;
         let base = || match reuse {
             Some(r) => r.z.view([b * k, d]).to_device(device).to_kind(Kind::Float),
             None => Tensor::zeros([b * k, d], (Kind::Float, device)),
         };
-        let z = match (&idx, outs.is_empty()) {
-            (None, _) => Tensor::cat(&outs, 0),
-            (Some(_), true) => base(),
-            (Some(i), false) => base().index_copy(0, i, &Tensor::cat(&outs, 0)),
+        let z = if every_cell {
+            Tensor::cat(&outs, 0)
+        } else if outs.is_empty() {
+            base()
+        } else {
+            let idx = Tensor::from_slice(&need).to_device(device);
+            base().index_copy(0, &idx, &Tensor::cat(&outs, 0))
         };
-        (z.view([b, k, d]), n)
+        (z.view([b, k, d]), need.len() as i64)
     })
 }
 
@@ -164,15 +94,10 @@ pub fn inner_forward(
     cells: &[i64],
 ) -> (Tensor, Tensor) {
     let device = model.device();
-    let size = batch.patches.size();
-    let b = size[0];
+    let b = batch.batch_size();
     let idx = Tensor::from_slice(cells).to_device(device);
     let n = cells.len() as i64;
-    let chosen = batch
-        .patches
-        .index_select(1, &idx)
-        .view([b * n, size[2], size[3], size[4]]);
-    let fresh = model.encode(&chosen, true);
+    let fresh = model.encode(&batch.cells_of_all(cells), true);
     let d = fresh.size()[1];
     let mut fresh = fresh.view([b, n, d]);
     if let Some(mask) = &batch.mask {
@@ -214,7 +139,7 @@ pub fn outer_step(
         None => vec![now; (b * k) as usize],
     };
     opt.zero_grad();
-    let mut loss_sum = 0.0;
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, model.device()));
     let mut steps = 0;
     let mut last_logits = None;
     for (j, cells) in plan.chunks.iter().enumerate() {
@@ -226,19 +151,22 @@ pub fn outer_step(
         }
         let (z_new, logits) = inner_forward(model, batch, &z, cells);
         let loss = logits.cross_entropy_for_logits(&batch.labels);
-        loss_sum += loss.double_value(&[]);
-        (loss / plan.group_size[j] as f64).backward();
+        // Summed on the device and read once per step: a read per iteration would make the
+        // host wait for the GPU at every inner iteration.
+        loss_sum = loss_sum + loss.detach();
+        (loss * (opt.loss_scale() / plan.group_size[j] as f64)).backward();
         patch_passes += (b as usize) * cells.len();
         if plan.step_after[j] {
-            opt.step(lr);
+            if opt.step(lr) {
+                steps += 1;
+            }
             opt.zero_grad();
-            steps += 1;
         }
         z = z_new.detach();
         last_logits = Some(logits.detach());
     }
     StepOutcome {
-        loss: loss_sum / plan.chunks.len() as f64,
+        loss: loss_sum.double_value(&[]) / plan.chunks.len() as f64,
         logits: last_logits.expect("a plan has at least one chunk"),
         optimizer_steps: steps,
         patch_passes,

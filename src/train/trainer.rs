@@ -14,7 +14,7 @@ use super::optim::Adam;
 use super::patchgd::{GridBatch, Reuse, correct, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
 use crate::model::{Method, Model};
-use crate::patch::{ImageAssembler, ImagePatches};
+use crate::patch::{ImageAssembler, ImagePatches, SpoolPolicy};
 use crate::rng::Rng;
 use crate::source::{Failure, SourceItem};
 use crate::state::{LatentGrid, LatentStore};
@@ -32,6 +32,8 @@ pub struct TrainerConfig {
     /// `latent.reuse`: fill-pass cells are taken from the latent store when they were written
     /// at most this many optimizer steps ago; `None` recomputes every cell.
     pub reuse_max_age: Option<u64>,
+    /// Which assembled images wait for their step in a temporary file instead of memory.
+    pub spool: SpoolPolicy,
 }
 
 pub struct Trainer {
@@ -316,7 +318,7 @@ impl Trainer {
         let started = Instant::now();
         let base_seconds = start.seconds;
         let mut out = start;
-        let mut assembler = ImageAssembler::default();
+        let mut assembler = ImageAssembler::with_spool(self.config.spool.clone());
         let mut pending: Vec<ImagePatches> = Vec::new();
         let mut flush = |trainer: &mut Trainer,
                          pending: &mut Vec<ImagePatches>,

@@ -71,7 +71,7 @@ fn z_cell_r_c_holds_patch_r_c() {
     assert_eq!(z.size(), vec![1, 8, 2, 3]);
     for r in 0..2 {
         for c in 0..3 {
-            let patch = batch.patches.get(0).get(r * 3 + c).unsqueeze(0);
+            let patch = batch.input().get(0).get(r * 3 + c).unsqueeze(0);
             let alone = tch::no_grad(|| m.encode(&patch, false)).get(0);
             let cell = z.get(0).select(1, r).select(1, c);
             assert!(
@@ -91,8 +91,9 @@ fn z_cell_r_c_holds_patch_r_c() {
 fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_carry_them() {
     let m = model(3);
     let batch = GridBatch::from_images(&[image(3, 3, 1, 2), image(3, 3, 2, 3)], Device::Cpu);
-    let patches = batch.patches.detach().set_requires_grad(true);
-    let batch = GridBatch { patches, ..batch };
+    let patches = batch.input().detach().set_requires_grad(true);
+    let labels = batch.labels.shallow_clone();
+    let batch = GridBatch::from_input(patches.shallow_clone(), labels, 3, 3, None);
     let z = fill(&m, &batch, 5, true, None).0;
     assert!(!z.requires_grad(), "the fill pass must build no graph");
     let sampled = [0i64, 4, 8];
@@ -112,8 +113,7 @@ fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_car
     );
     assert!(m.trainable().iter().any(|(n, _)| n.starts_with("head.")));
     let per_cell =
-        batch
-            .patches
+        patches
             .grad()
             .abs()
             .sum_dim_intlist(&[0i64, 2, 3, 4][..], false, Kind::Float);
@@ -233,12 +233,13 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
         assert!(norms.double_value(&[1, cell]) > 0.0, "image 1 cell {cell}");
     }
     // The full-batch fill agrees with the masked one on present cells.
-    let unmasked = GridBatch {
-        mask: None,
-        patches: batch.patches.shallow_clone(),
-        labels: batch.labels.shallow_clone(),
-        ..batch
-    };
+    let unmasked = GridBatch::from_input(
+        batch.input(),
+        batch.labels.shallow_clone(),
+        2,
+        3,
+        None,
+    );
     let all = fill(&m, &unmasked, 3, false, None).0;
     assert!(all.get(1).allclose(&z.get(1), 1e-5, 1e-6, false));
     // An inner iteration that samples absent cells leaves them zero.

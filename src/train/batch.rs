@@ -1,0 +1,224 @@
+//! A mini-batch of same-sized images and how its patches reach the backbone.
+//!
+//! Patches are kept as decoded (u8, HWC) and turned into normalised float input one chunk at a
+//! time, so a batch costs its pixel bytes, not four times them. Where the pixels live:
+//! - all images in memory: one u8 tensor on the model's device. On CUDA it is staged in pinned
+//!   host memory and copied with `non_blocking`, so the trainer thread does not wait for the copy;
+//! - any image spooled (larger than the spool threshold): patches stay on the host and each
+//!   chunk's cells are read from the spool files when the backbone needs them, which keeps
+//!   memory flat in image size;
+//! - already-normalised float input (tests and benchmarks that build batches directly).
+
+use tch::{Device, Kind, Tensor};
+
+use crate::patch::{ImagePatches, PatchPixels};
+
+enum Pixels {
+    /// B x K x m x m x c u8 on the device.
+    Resident(Tensor),
+    /// One per image, on the host; some spooled.
+    Host(Vec<(String, PatchPixels)>),
+    /// B x K x c x m x m float, normalised.
+    Input(Tensor),
+}
+
+/// A mini-batch of same-sized images: B images of K = rows x cols patches of c x m x m.
+pub struct GridBatch {
+    pixels: Pixels,
+    pub labels: Tensor,
+    pub rows: i64,
+    pub cols: i64,
+    /// B x K x 1, 1 where a cell's patch is present; `None` when all are. Absent cells (the
+    /// foreground filter dropped them) are never encoded and stay zero in Z.
+    pub mask: Option<Tensor>,
+    /// The mask on the host (B x K), for choosing which cells to read.
+    present: Option<Vec<bool>>,
+    b: i64,
+    channels: i64,
+    patch: i64,
+    device: Device,
+}
+
+/// Host bytes -> device tensor; through pinned memory and a non-blocking copy on CUDA.
+fn upload(host: Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        host.pin_memory(device)
+            .to_device_(device, host.kind(), true, false)
+    } else {
+        host
+    }
+}
+
+/// u8 N x m x m x c (HWC) -> N x c x m x m float in [-1, 1], on the tensor's device.
+fn normalise(bytes: &Tensor) -> Tensor {
+    bytes
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        .g_div_scalar(127.5)
+        .g_sub_scalar(1.0)
+}
+
+impl GridBatch {
+    /// Stack same-shaped images into a batch for `device`.
+    pub fn from_images(images: &[ImagePatches], device: Device) -> Self {
+        let first = &images[0];
+        let (k, m, c) = (first.cells(), first.patch, first.channels);
+        for im in images {
+            assert_eq!(
+                (im.grid_rows, im.grid_cols, im.patch, im.channels),
+                (first.grid_rows, first.grid_cols, m, c)
+            );
+        }
+        let b = images.len();
+        let pixels = if images.iter().any(|im| im.pixels.is_spooled()) {
+            Pixels::Host(
+                images
+                    .iter()
+                    .map(|im| (im.key.image_id.clone(), im.pixels.clone()))
+                    .collect(),
+            )
+        } else {
+            let mut bytes = Vec::with_capacity(b * k * first.patch_bytes());
+            for im in images {
+                bytes.extend_from_slice(im.pixels.memory().expect("not spooled"));
+            }
+            let host = Tensor::from_slice(&bytes).view([
+                b as i64, k as i64, m as i64, m as i64, c as i64,
+            ]);
+            Pixels::Resident(upload(host, device))
+        };
+        let labels: Vec<i64> = images.iter().map(|im| im.key.label.unwrap_or(-1)).collect();
+        let present = (!images.iter().all(|im| im.all_present())).then(|| {
+            images
+                .iter()
+                .flat_map(|im| im.present.iter().copied())
+                .collect::<Vec<bool>>()
+        });
+        let mask = present.as_ref().map(|p| {
+            let m: Vec<f32> = p.iter().map(|&x| x as u8 as f32).collect();
+            upload(Tensor::from_slice(&m).view([b as i64, k as i64, 1]), device)
+        });
+        Self {
+            pixels,
+            labels: upload(Tensor::from_slice(&labels), device),
+            rows: first.grid_rows as i64,
+            cols: first.grid_cols as i64,
+            mask,
+            present,
+            b: b as i64,
+            channels: c as i64,
+            patch: m as i64,
+            device,
+        }
+    }
+
+    /// A batch of already-normalised input, B x K x c x m x m (with gradient, if it has one).
+    pub fn from_input(
+        input: Tensor,
+        labels: Tensor,
+        rows: i64,
+        cols: i64,
+        mask: Option<Tensor>,
+    ) -> Self {
+        let size = input.size();
+        assert_eq!(size[1], rows * cols, "K = rows x cols");
+        let present = mask.as_ref().map(|m| {
+            Vec::<f32>::try_from(m.to_device(Device::Cpu).view([-1]))
+                .expect("mask to Vec")
+                .iter()
+                .map(|&x| x > 0.5)
+                .collect()
+        });
+        Self {
+            device: input.device(),
+            b: size[0],
+            channels: size[2],
+            patch: size[3],
+            pixels: Pixels::Input(input),
+            labels,
+            rows,
+            cols,
+            mask,
+            present,
+        }
+    }
+
+    /// The whole batch as normalised input, B x K x c x m x m (for tests and small batches).
+    pub fn input(&self) -> Tensor {
+        let all: Vec<i64> = (0..self.b * self.cells()).collect();
+        match &self.pixels {
+            Pixels::Input(t) => t.shallow_clone(),
+            _ => self.patches(&all).view([
+                self.b,
+                self.cells(),
+                self.channels,
+                self.patch,
+                self.patch,
+            ]),
+        }
+    }
+
+    /// Patches at flat indices (image * K + cell) as normalised input, N x c x m x m on the
+    /// device. Only these are read (spool) or converted (resident).
+    pub fn patches(&self, flat: &[i64]) -> Tensor {
+        let (m, c) = (self.patch, self.channels);
+        let k = self.cells();
+        match &self.pixels {
+            Pixels::Input(t) => {
+                let idx = Tensor::from_slice(flat).to_device(self.device);
+                t.view([self.b * k, c, m, m]).index_select(0, &idx)
+            }
+            Pixels::Resident(t) => {
+                let idx = Tensor::from_slice(flat).to_device(self.device);
+                normalise(&t.view([self.b * k, m, m, c]).index_select(0, &idx))
+            }
+            Pixels::Host(images) => {
+                let patch_bytes = (m * m * c) as usize;
+                let mut bytes = vec![0u8; flat.len() * patch_bytes];
+                for (i, &f) in flat.iter().enumerate() {
+                    let (id, px) = &images[(f / k) as usize];
+                    px.read_cell((f % k) as usize, &mut bytes[i * patch_bytes..][..patch_bytes])
+                        .unwrap_or_else(|e| {
+                            panic!("reading spooled patch {} of image '{id}': {e}", f % k)
+                        });
+                }
+                let host = Tensor::from_slice(&bytes).view([flat.len() as i64, m, m, c]);
+                normalise(&upload(host, self.device))
+            }
+        }
+    }
+
+    /// The patches at `cells` of every image, image-major: (B * n) x c x m x m.
+    pub fn cells_of_all(&self, cells: &[i64]) -> Tensor {
+        let k = self.cells();
+        let flat: Vec<i64> = (0..self.b)
+            .flat_map(|i| cells.iter().map(move |&c| i * k + c))
+            .collect();
+        self.patches(&flat)
+    }
+
+    /// Flat indices of the present cells (all when there is no mask).
+    pub fn present_flat(&self) -> Vec<i64> {
+        match &self.present {
+            Some(p) => (0..p.len() as i64).filter(|&i| p[i as usize]).collect(),
+            None => (0..self.b * self.cells()).collect(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn batch_size(&self) -> i64 {
+        self.b
+    }
+    pub fn cells(&self) -> i64 {
+        self.rows * self.cols
+    }
+    /// Present patches over the whole batch (what a fill pass encodes).
+    pub fn present_cells(&self) -> i64 {
+        match &self.present {
+            Some(p) => p.iter().filter(|&&x| x).count() as i64,
+            None => self.batch_size() * self.cells(),
+        }
+    }
+}

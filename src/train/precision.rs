@@ -1,0 +1,134 @@
+//! Mixed precision: fp16 autocast on CUDA with dynamic loss scaling.
+//!
+//! tch 0.24 exposes libtorch's autocast switch but not its dtype, so the mixed type is CUDA's
+//! default, fp16; fp16 gradients underflow without loss scaling, hence [`LossScaler`] (the
+//! scheme of PyTorch's `GradScaler`: scale the loss, unscale the gradients, skip a step whose
+//! gradients are not finite and halve the scale, double it after a run of good steps).
+//! Master weights and optimizer moments stay fp32.
+
+use tch::{Kind, Tensor};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in fp32.
+    #[default]
+    F32,
+    /// Backbone and head under fp16 autocast (CUDA only), loss scaling, fp32 weights.
+    F16,
+}
+
+/// Dynamic loss scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Good optimizer steps since the scale last changed.
+    pub good_steps: u64,
+    pub growth_interval: u64,
+    /// Optimizer steps skipped because a gradient was inf or NaN.
+    pub skipped: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+            growth_interval: 2000,
+            skipped: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    /// Divide every gradient by the scale; true when all of them are finite.
+    pub fn unscale(&self, grads: &[Tensor]) -> bool {
+        let mut finite = Vec::with_capacity(grads.len());
+        tch::no_grad(|| {
+            for g in grads {
+                let mut g = g.shallow_clone();
+                let _ = g.g_div_scalar_(self.scale);
+                finite.push(g.isfinite().all());
+            }
+        });
+        if finite.is_empty() {
+            return true;
+        }
+        // One read for all parameters: a read per tensor would wait for the GPU each time.
+        Tensor::stack(&finite, 0).all().int64_value(&[]) != 0
+    }
+
+    /// Record a step's outcome: halve on overflow, double after `growth_interval` good steps.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+    }
+
+    /// [scale, good_steps, skipped] as a tensor, for the optimizer's checkpoint state.
+    pub fn to_tensor(&self) -> Tensor {
+        Tensor::from_slice(&[self.scale, self.good_steps as f64, self.skipped as f64])
+    }
+
+    pub fn from_tensor(t: &Tensor) -> Result<Self, String> {
+        let v: Vec<f64> = Vec::try_from(t.to_kind(Kind::Double).view([-1]))
+            .map_err(|e| format!("loss scaler state: {e}"))?;
+        match v.as_slice() {
+            [scale, good, skipped] => Ok(Self {
+                scale: *scale,
+                good_steps: *good as u64,
+                skipped: *skipped as u64,
+                ..Self::default()
+            }),
+            _ => Err(format!(
+                "loss scaler state has {} values, expected 3",
+                v.len()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unscale_divides_and_detects_overflow() {
+        let s = LossScaler {
+            scale: 4.0,
+            ..Default::default()
+        };
+        let g = Tensor::from_slice(&[8.0f32, -4.0]);
+        assert!(s.unscale(&[g.shallow_clone()]));
+        assert_eq!(Vec::<f32>::try_from(&g).unwrap(), vec![2.0, -1.0]);
+        let bad = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+        assert!(!s.unscale(&[g, bad]));
+    }
+
+    #[test]
+    fn the_scale_halves_on_overflow_and_doubles_after_a_run_of_good_steps() {
+        let mut s = LossScaler {
+            scale: 8.0,
+            growth_interval: 3,
+            ..Default::default()
+        };
+        s.update(false);
+        assert_eq!((s.scale, s.skipped), (4.0, 1));
+        for _ in 0..2 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 4.0);
+        s.update(true);
+        assert_eq!((s.scale, s.good_steps), (8.0, 0));
+        let back = LossScaler::from_tensor(&s.to_tensor()).unwrap();
+        assert_eq!((back.scale, back.good_steps, back.skipped), (8.0, 0, 1));
+    }
+}
