@@ -2,26 +2,30 @@
 # GPU check: runs a patchgd binary built elsewhere on a machine with an NVIDIA GPU, PyTorch 2.11
 # in python3, no Rust and no network. libtorch is found through python3's torch.
 #
-#   scripts/gpu-check.sh [--cpu] [--sizes "512 2048"] [--epochs 1]
+#   scripts/gpu-check.sh [--cpu|--both] [--sizes "512 2048"] [--epochs 1] [--no-bench]
 #
 # The binary: $PATCHGD_BIN, else .device/patchgd.xz (unpacked with python3's lzma: carry it
 # there, see docs/benchmarks.md), else target/debug/patchgd. --cpu runs the same table on the
-# CPU (also on a machine without a GPU). Prints one row per size and device: backbone patch
-# passes per second (fill and gradient together), images per second, peak RSS, the final loss
-# and the validation accuracy; fails if CUDA is asked for and unusable, or a loss
-# is not finite.
+# CPU (also on a machine without a GPU). Prints one row per size, device and precision (CUDA:
+# f32 and f16 mixed precision): backbone patch passes per second (fill and gradient together),
+# images per second, peak RSS, the final loss and the validation accuracy; fails if CUDA is
+# asked for and unusable, or a loss is not finite. Then `patchgd bench` on the first device:
+# pipeline efficiency (small CNN and resnet18) and peak memory at 1k/4k/16k px (--no-bench
+# skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 devices="cuda"
 sizes="512 2048"
 epochs=1
+bench=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) devices="cpu" ;;
         --both) devices="cuda cpu" ;;
         --sizes) sizes="$2"; shift ;;
         --epochs) epochs="$2"; shift ;;
+        --no-bench) bench=0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -51,32 +55,43 @@ for size in $sizes; do
     data="$work/um$size"
     [ -d "$data" ] || "$bin" synth ultramnist --out "$data" --size "$size" --classes 4 --train 64 --val 16 --seed 3 >/dev/null
     for device in $devices; do
-        out="$work/out-$size-$device"
+      precisions="f32"
+      [ "$device" = cuda ] && precisions="f32 f16"
+      for precision in $precisions; do
+        out="$work/out-$size-$device-$precision"
         start=$(date +%s.%N)
         "$bin" run pipelines/ultramnist.yaml --fresh --no-progress \
             --set "source.images=$data/images" --set "source.labels=$data/labels.csv" \
             --set "output=$out" --set "patch.size=$patch" --set "patch.stride=$patch" \
-            --set "train.device=$device" --set "train.epochs=$epochs" --set "train.batch_size=8" \
+            --set "train.device=$device" --set "train.precision=$precision" \
+            --set "train.epochs=$epochs" --set "train.batch_size=8" \
             --set "checkpoint.every_steps=0" > "$out.log" 2>&1 || { cat "$out.log"; exit 1; }
         end=$(date +%s.%N)
-        row=$($python - "$out/metrics.csv" "$size" "$patch" "$device" "$start" "$end" <<'EOF'
+        row=$($python - "$out/metrics.csv" "$size" "$patch" "$device" "$precision" "$start" "$end" <<'EOF'
 import csv, math, sys
-path, size, patch, device, start, end = sys.argv[1:7]
+path, size, patch, device, precision, start, end = sys.argv[1:8]
 wall = float(end) - float(start)
 last = list(csv.DictReader(open(path)))[-1]
 for k in ("train_loss", "val_loss"):
     if not math.isfinite(float(last[k])):
-        sys.exit(f"{k} is not finite on {device} at {size} px")
+        sys.exit(f"{k} is not finite on {device} ({precision}) at {size} px")
 grid = (int(size) // int(patch)) ** 2
-print(f"| {size} | {patch} | {grid} | {device} | {float(last['patches_per_s']):.0f} | "
+print(f"| {size} | {patch} | {grid} | {device} | {precision} | {float(last['patches_per_s']):.0f} | "
       f"{float(last['images_per_s']):.1f} | {int(last['peak_rss_bytes']) >> 20} | "
       f"{float(last['train_loss']):.4f} | {float(last['val_accuracy']):.3f} | {wall:.1f} |")
 EOF
 )
         rows+=("$row")
+      done
     done
 done
 echo
-echo "| image px | patch px | patches/image | device | patch passes/s | images/s | peak RSS MiB | train loss | val acc | wall s |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| image px | patch px | patches/image | device | precision | patch passes/s | images/s | peak RSS MiB | train loss | val acc | wall s |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+
+if [ "$bench" = 1 ]; then
+    first=${devices%% *}
+    echo
+    "$bin" bench --device "$first" --only efficiency --only memory --dir "$work/bench"
+fi

@@ -25,6 +25,7 @@
 //! model, method (`patchgd` or the `gd` baseline) and training parameters;
 //! [`pipeline::run`] runs it. [`synth`] generates the UltraMNIST benchmark.
 
+pub mod bench;
 pub mod model;
 pub mod patch;
 pub mod pipeline;

@@ -48,9 +48,43 @@ enum Command {
     },
     /// Describe image objects: size, levels, tiles, compression, channels, patch counts.
     Inspect(InspectArgs),
+    /// Measure the performance targets (docs/benchmarks.md): pipeline efficiency against
+    /// the in-memory ceiling, peak memory by image size, PatchGD vs GD at one memory budget.
+    Bench(BenchArgs),
     /// Query images, patches, latents and run results with SQL (docs/sql.md). Without a query:
     /// an interactive prompt with history.
     Sql(SqlArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Parts to run (repeatable); all by default.
+    #[arg(long, value_enum)]
+    only: Vec<patchgd::bench::Part>,
+    /// Working directory for generated data and runs.
+    #[arg(long, default_value = "out/bench")]
+    dir: PathBuf,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32, or f16 (mixed precision, CUDA).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Small sizes and counts (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Wall time per method in the memory-budget comparison.
+    #[arg(long, default_value_t = 240.0)]
+    seconds: f64,
+    /// Image sizes for the memory part.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+    sizes: Vec<u32>,
+    /// Backbones for the efficiency part.
+    #[arg(long, value_delimiter = ',', default_value = "small_cnn,resnet18")]
+    backbones: Vec<String>,
+    /// Also write the report (Markdown) to this file.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -524,6 +558,42 @@ fn main() -> Result<()> {
         } => synth(args)?,
         Command::Inspect(args) => inspect(args)?,
         Command::Sql(args) => sql(args)?,
+        Command::Bench(args) => bench(args)?,
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    use patchgd::bench::{BenchOptions, Part};
+    let opts = BenchOptions {
+        dir: std::path::absolute(&args.dir)?,
+        device: serde_norway::from_str(&args.device)
+            .with_context(|| format!("--device '{}': expected auto, cpu or cuda", args.device))?,
+        precision: serde_norway::from_str(&args.precision)
+            .with_context(|| format!("--precision '{}': expected f32 or f16", args.precision))?,
+        quick: args.quick,
+        budget_seconds: if args.quick { 5.0 } else { args.seconds },
+        exe: std::env::current_exe()?,
+    };
+    let parts = if args.only.is_empty() {
+        vec![Part::Efficiency, Part::Memory, Part::Budget]
+    } else {
+        args.only
+    };
+    let backbones = args
+        .backbones
+        .iter()
+        .map(|b| b.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let sizes = if args.quick && args.sizes == [1024, 4096, 16384] {
+        vec![128, 256, 512]
+    } else {
+        args.sizes
+    };
+    let report = patchgd::bench::run(&opts, &parts, &backbones, &sizes).map_err(anyhow::Error::msg)?;
+    if let Some(path) = args.output {
+        std::fs::write(&path, report)
+            .with_context(|| format!("cannot write '{}'", path.display()))?;
     }
     Ok(())
 }

@@ -18,6 +18,16 @@ pub enum BackboneKind {
 impl BackboneKind {
     pub const NAMES: &'static str = "small_cnn, resnet18, resnet50, mobilenet_v2";
 
+    /// The name pipeline files use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SmallCnn => "small_cnn",
+            Self::Resnet18 => "resnet18",
+            Self::Resnet50 => "resnet50",
+            Self::MobilenetV2 => "mobilenet_v2",
+        }
+    }
+
     /// Channels the trunk takes. The torchvision-shaped trunks take RGB; grey input is repeated.
     pub fn input_channels(&self, data_channels: i64) -> i64 {
         match self {

@@ -159,8 +159,63 @@ pub struct RunSummary {
     /// Fill-pass cells taken from the latent store instead of encoded (`latent.reuse`), in this
     /// process (a resumed run counts from its resume).
     pub latent_cells_reused: u64,
+    /// Image passes (training and evaluation) whose patches waited in a spool file
+    /// (`train.spool_above_mib`), in this process.
+    pub images_spooled: u64,
     /// Images whose Z the latent store holds at the end.
     pub latent_images: usize,
+}
+
+/// The trainer a definition describes: model (seeded), optimizer, schedule over `train_images`
+/// per epoch, latent store, spool and precision settings.
+pub fn build_trainer(
+    def: &Definition,
+    spec: ModelSpec,
+    device: Device,
+    train_images: usize,
+) -> Result<Trainer, RunError> {
+    if def.train.precision == Precision::F16 && !device.is_cuda() {
+        return Err(RunError::Device(format!(
+            "train.precision f16 needs a CUDA device (libtorch's autocast, as tch exposes it, \
+             covers CUDA only), but this run's device is {}; use precision f32",
+            device_name(device)
+        )));
+    }
+    let steps_per_epoch = train_images.div_ceil(def.train.batch_size) as f64;
+    let schedule = LrSchedule {
+        peak: def.train.lr,
+        warmup_steps: (def.train.warmup_epochs * steps_per_epoch).round() as u64,
+        horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
+            .round() as u64,
+    };
+    let mut model = Model::seeded(spec, device, def.train.seed);
+    model.set_mixed_precision(def.train.precision == Precision::F16);
+    let mut trainer = Trainer::new(
+        model,
+        TrainerConfig {
+            batch_size: def.train.batch_size,
+            sampling_fraction: def.patchgd.sampling_fraction,
+            accumulation: def.patchgd.accumulation,
+            fill_chunk: def.patchgd.fill_chunk,
+            schedule,
+            weight_decay: def.train.weight_decay,
+            seed: def.train.seed,
+            reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
+            spool: SpoolPolicy {
+                above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
+                dir: None,
+            },
+        },
+        LatentStore::new(
+            def.latent.budget_mib << 20,
+            def.latent.spill_dir.as_deref().map(std::path::Path::new),
+        )
+        .map_err(|e| RunError::Data(e.to_string()))?,
+    );
+    if def.train.precision == Precision::F16 {
+        trainer.optimizer.scaler = Some(LossScaler::default());
+    }
+    Ok(trainer)
 }
 
 pub fn choose_device(choice: DeviceChoice) -> Result<Device, RunError> {
@@ -306,13 +361,6 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         )));
     }
     let device = choose_device(def.train.device)?;
-    if def.train.precision == Precision::F16 && !device.is_cuda() {
-        return Err(RunError::Device(format!(
-            "train.precision f16 needs a CUDA device (libtorch's autocast, as tch exposes it, \
-             covers CUDA only), but this run's device is {}; use precision f32",
-            device_name(device)
-        )));
-    }
     let spec = ModelSpec {
         method: def.method,
         backbone: def.model.backbone,
@@ -321,40 +369,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         head_width: def.model.head_width,
         classes,
     };
-    let steps_per_epoch = train_set.len().div_ceil(def.train.batch_size) as f64;
-    let schedule = LrSchedule {
-        peak: def.train.lr,
-        warmup_steps: (def.train.warmup_epochs * steps_per_epoch).round() as u64,
-        horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
-            .round() as u64,
-    };
-    let mut model = Model::seeded(spec, device, def.train.seed);
-    model.set_mixed_precision(def.train.precision == Precision::F16);
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            batch_size: def.train.batch_size,
-            sampling_fraction: def.patchgd.sampling_fraction,
-            accumulation: def.patchgd.accumulation,
-            fill_chunk: def.patchgd.fill_chunk,
-            schedule,
-            weight_decay: def.train.weight_decay,
-            seed: def.train.seed,
-            reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
-            spool: SpoolPolicy {
-                above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
-                dir: None,
-            },
-        },
-        LatentStore::new(
-            def.latent.budget_mib << 20,
-            def.latent.spill_dir.as_deref().map(std::path::Path::new),
-        )
-        .map_err(|e| RunError::Data(e.to_string()))?,
-    );
-    if def.train.precision == Precision::F16 {
-        trainer.optimizer.scaler = Some(LossScaler::default());
-    }
+    let mut trainer = build_trainer(def, spec, device, train_set.len())?;
     let ckpt_root = Location::parse_with(&def.checkpoint_url(), &def.storage)?;
     let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
@@ -589,6 +604,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         wall_seconds: started.elapsed().as_secs_f64(),
         output: output.url.clone(),
         latent_cells_reused: trainer.reused_cells,
+        images_spooled: trainer.spooled_images,
         latent_images: trainer.latents.len(),
     };
     // The final checkpoint: the finished run (resuming it only rewrites these outputs).

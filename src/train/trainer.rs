@@ -47,6 +47,8 @@ pub struct Trainer {
     pub latents: LatentStore,
     /// Fill-pass cells taken from the store instead of encoded (latent.reuse).
     pub reused_cells: u64,
+    /// Assembled images whose patches went to a spool file.
+    pub spooled_images: u64,
 }
 
 /// One prediction of an evaluation pass.
@@ -106,6 +108,7 @@ impl Trainer {
             outer_steps: 0,
             latents,
             reused_cells: 0,
+            spooled_images: 0,
         }
     }
 
@@ -200,12 +203,23 @@ impl Trainer {
         self.model.device()
     }
 
-    fn to_batch(&self, images: &[ImagePatches]) -> GridBatch {
+    pub fn to_batch(&self, images: &[ImagePatches]) -> GridBatch {
         GridBatch::from_images(images, self.device())
     }
 
     /// One training step on a mini-batch. Returns (summed loss over images, correct, passes, steps).
     pub fn train_batch(&mut self, images: &[ImagePatches]) -> (f64, i64, usize, usize) {
+        let batch = self.to_batch(images);
+        self.train_on(images, &batch)
+    }
+
+    /// [`Trainer::train_batch`] on a batch already built from `images` (its tensors may be
+    /// on the device already: the benchmark's compute ceiling).
+    pub fn train_on(
+        &mut self,
+        images: &[ImagePatches],
+        batch: &GridBatch,
+    ) -> (f64, i64, usize, usize) {
         // Dropout masks start from (seed, step): a resumed run draws exactly what the
         // original did, with no generator state to save.
         self.model.reseed_dropout(Rng::derive(
@@ -213,7 +227,6 @@ impl Trainer {
             "head-dropout",
             self.outer_steps,
         ));
-        let batch = self.to_batch(images);
         let lr = self.config.schedule.lr(self.outer_steps);
         let outcome = match self.model.spec.method {
             Method::Patchgd => {
@@ -228,7 +241,7 @@ impl Trainer {
                     &self.model,
                     &mut self.optimizer,
                     lr,
-                    &batch,
+                    batch,
                     &plan,
                     self.config.fill_chunk,
                     reuse.as_ref().map(|(r, s)| (r, s.as_slice())),
@@ -242,7 +255,7 @@ impl Trainer {
                 )
             }
             Method::Gd => {
-                let o = gd_step(&self.model, &mut self.optimizer, lr, &batch);
+                let o = gd_step(&self.model, &mut self.optimizer, lr, batch);
                 (o.loss, o.logits, o.patch_passes, o.optimizer_steps)
             }
         };
@@ -360,6 +373,7 @@ impl Trainer {
                 SourceItem::Batch(b) => match assembler.push(&b.batch) {
                     Ok(done) => {
                         for image in done {
+                            self.spooled_images += image.pixels.is_spooled() as u64;
                             let same_shape = pending.first().is_none_or(|p| {
                                 (p.grid_rows, p.grid_cols, p.patch, p.channels)
                                     == (

@@ -95,3 +95,48 @@ fn gd_baseline_runs_from_the_same_definition() {
         header.get("classifier.weight").is_some() && header.get("head.classifier.weight").is_none()
     );
 }
+
+#[test]
+fn spooled_images_train_to_the_same_weights_as_images_held_in_memory() {
+    let root = memory_url("training-spool");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 64, 14, 24, 8, 5));
+    let mut weights = Vec::new();
+    for (name, spool) in [("memory", "16"), ("spooled", "0")] {
+        let out = format!("{root}/out-{name}");
+        let def = Definition::from_yaml_with_overrides(
+            &pipeline_yaml(&images, &labels, &out, 16, 2, ""),
+            "spool.yaml",
+            &[&format!("train.spool_above_mib={spool}")],
+        )
+        .unwrap();
+        let summary = run(&def, false).unwrap();
+        // 24 training images x 2 epochs + 8 validation images x 2 evaluations.
+        let expected = if spool == "0" { 64 } else { 0 };
+        assert_eq!(summary.images_spooled, expected, "{name}");
+        let loc = Location::parse(&out).unwrap();
+        weights.push(rt.block_on(loc.get_relative("model.safetensors")).unwrap());
+    }
+    assert!(
+        weights[0] == weights[1],
+        "spooling changed the trained weights"
+    );
+}
+
+#[test]
+fn mixed_precision_on_the_cpu_is_refused_by_name() {
+    let root = memory_url("training-f16");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 4, 2, 6));
+    let def = Definition::from_yaml_with_overrides(
+        &pipeline_yaml(&images, &labels, &format!("{root}/out"), 16, 1, ""),
+        "f16.yaml",
+        &["train.precision=f16"],
+    )
+    .unwrap();
+    let err = run(&def, false).unwrap_err().to_string();
+    assert!(
+        err.contains("train.precision f16") && err.contains("cpu"),
+        "{err}"
+    );
+}

@@ -1,0 +1,334 @@
+//! `patchgd bench`: the performance targets as reproducible measurements (docs/benchmarks.md).
+//!
+//! - [`efficiency`]: the full pipeline's training throughput against the same PatchGD steps on
+//!   batches already in memory (the compute ceiling), in one process, alternating rounds.
+//! - [`memory`]: peak RSS of PatchGD and GD runs at growing image sizes, one child process per
+//!   run (peak RSS is per process), each watched and stopped at a memory cap.
+//! - [`budget`]: PatchGD against GD at the same peak-memory budget and the same wall time.
+
+pub mod budget;
+pub mod child;
+pub mod efficiency;
+pub mod memory;
+
+use std::path::{Path, PathBuf};
+
+use crate::pipeline::definition::DeviceChoice;
+use crate::storage::Location;
+use crate::synth::ultramnist::Recipe;
+use crate::synth::{ImageFormat, write_ultramnist};
+use crate::train::Precision;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Working directory: generated data and run outputs.
+    pub dir: PathBuf,
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// Small sizes and counts: a smoke run of every part in well under a minute.
+    pub quick: bool,
+    /// Wall time each method gets in the fixed-budget comparison.
+    pub budget_seconds: f64,
+    /// This program, for child runs (`patchgd run`).
+    pub exe: PathBuf,
+}
+
+impl BenchOptions {
+    pub fn device_name(&self) -> &'static str {
+        match self.device {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        }
+    }
+    pub fn precision_name(&self) -> &'static str {
+        match self.precision {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// Generate an UltraMNIST set under `dir` (PNG or tiled TIFF); returns (images URL, labels URL).
+pub fn generate(
+    dir: &Path,
+    size: u32,
+    classes: u32,
+    train: usize,
+    val: usize,
+    format: ImageFormat,
+) -> Result<(String, String), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let root = dir.display().to_string();
+    let out = Location::parse(&root).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(write_ultramnist(
+        &out,
+        &Recipe::new(size, classes, 42),
+        train,
+        val,
+        None,
+        format,
+    ))
+    .map_err(|e| format!("generating {root}: {e}"))?;
+    Ok((format!("{root}/images"), format!("{root}/labels.csv")))
+}
+
+/// A pipeline file's text for the benchmarks: small CNN by default, grey patches, no
+/// checkpoints between steps; `extra` lines are appended under the top level.
+#[allow(clippy::too_many_arguments)]
+pub fn pipeline_yaml(
+    opts: &BenchOptions,
+    images: &str,
+    labels: &str,
+    output: &str,
+    patch: usize,
+    epochs: u64,
+    batch: usize,
+    classes: u32,
+) -> String {
+    format!(
+        "name: bench
+source:
+  images: {images}
+  labels: {labels}
+  channels: 1
+  decode_workers: 2
+  buffer_mib: 16
+patch:
+  size: {patch}
+model:
+  backbone: small_cnn
+  latent_dim: 64
+  head_width: 64
+  classes: {classes}
+patchgd:
+  sampling_fraction: 0.25
+  fill_chunk: 64
+train:
+  epochs: {epochs}
+  batch_size: {batch}
+  lr: 0.003
+  warmup_epochs: 0.5
+  device: {}
+  precision: {}
+  seed: 42
+checkpoint:
+  every_steps: 0
+output: {output}
+",
+        opts.device_name(),
+        opts.precision_name(),
+    )
+}
+
+/// Markdown table: a header row and rows of cells.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = format!("| {} |\n", header.join(" | "));
+    out += &format!("|{}\n", "---|".repeat(header.len()));
+    for r in rows {
+        out += &format!("| {} |\n", r.join(" | "));
+    }
+    out
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+/// Which parts `patchgd bench` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Efficiency,
+    Memory,
+    Budget,
+}
+
+/// Run the chosen parts and return the report (Markdown tables). Each table is also printed as
+/// soon as it is ready, since the whole report takes minutes.
+pub fn run(
+    opts: &BenchOptions,
+    parts: &[Part],
+    backbones: &[crate::model::BackboneKind],
+    sizes: &[u32],
+) -> Result<String, String> {
+    let emit = |report: &mut String, text: String| {
+        println!("{text}");
+        report.push_str(&text);
+        report.push('\n');
+    };
+    let mut report = format!(
+        "# patchgd bench ({}; device {}, precision {})\n",
+        if opts.quick { "quick" } else { "full" },
+        opts.device_name(),
+        opts.precision_name()
+    );
+    println!("{report}");
+    if parts.contains(&Part::Efficiency) {
+        let mut rows = Vec::new();
+        for &b in backbones {
+            let small = b == crate::model::BackboneKind::SmallCnn;
+            let (size, patch, images, rounds) = match (opts.quick, small) {
+                (true, _) => (128, 32, 8, 1),
+                (false, true) => (512, 64, 64, 3),
+                (false, false) => (512, 64, 16, 2),
+            };
+            let r = efficiency::measure(opts, b, size, patch, images, rounds)?;
+            rows.push(vec![
+                r.backbone.clone(),
+                r.device.clone(),
+                format!("{} / {}", r.image_px, r.patch_px),
+                r.images.to_string(),
+                r.rounds.to_string(),
+                format!("{:.0}", r.ceiling),
+                format!("{:.0}", r.pipeline),
+                format!("{:.3}", r.ratio),
+            ]);
+        }
+        emit(
+            &mut report,
+            format!(
+                "## 1. Pipeline efficiency (patch passes/s; target: ratio >= 0.95)\n\n{}",
+                table(
+                    &[
+                        "backbone",
+                        "device",
+                        "image / patch px",
+                        "images",
+                        "rounds",
+                        "in memory",
+                        "full pipeline",
+                        "ratio",
+                    ],
+                    &rows
+                )
+            ),
+        );
+    }
+    if parts.contains(&Part::Memory) {
+        let rows = memory::measure(opts, sizes)?;
+        let base = |method: &str| {
+            rows.iter()
+                .find(|r| r.method == method && r.run.ok)
+                .map(|r| r.run.peak_rss_bytes)
+        };
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                let growth = match (r.run.ok, base(r.method)) {
+                    (true, Some(b)) => {
+                        format!("{:+.1}%", (r.run.peak_rss_bytes as f64 / b as f64 - 1.0) * 100.0)
+                    }
+                    _ => "-".into(),
+                };
+                let status = if r.run.ok {
+                    "ok".to_string()
+                } else if r.run.capped {
+                    format!("stopped at the {:.0} MiB cap", mib(child::default_cap()))
+                } else {
+                    format!("failed: {}", r.run.tail)
+                };
+                vec![
+                    r.method.to_string(),
+                    r.image_px.to_string(),
+                    r.cells.to_string(),
+                    format!("{:.0}", mib(r.run.peak_rss_bytes)),
+                    growth,
+                    format!("{:.1}", r.run.seconds),
+                    status,
+                ]
+            })
+            .collect();
+        emit(
+            &mut report,
+            format!(
+                "## 2. Peak RSS by image size ({} px patches, {} patches per inner iteration, fill chunk {}; target: PatchGD grows <= 15%)\n\n{}",
+                if opts.quick { 32 } else { memory::PATCH },
+                memory::PER_INNER,
+                memory::FILL_CHUNK,
+                table(
+                    &[
+                        "method",
+                        "image px",
+                        "patches (GD: pixels)",
+                        "peak RSS MiB",
+                        "vs smallest",
+                        "seconds",
+                        "status",
+                    ],
+                    &cells
+                )
+            ),
+        );
+    }
+    if parts.contains(&Part::Budget) {
+        let b = budget::measure(opts)?;
+        let mut probes: Vec<String> = b
+            .probes
+            .iter()
+            .map(|(s, peak, fits)| {
+                format!("{s} px: {:.0} MiB{}", mib(*peak), if *fits { " (fits)" } else { "" })
+            })
+            .collect();
+        if !b.probes.iter().any(|p| p.2) {
+            probes.push("none fit: GD runs at the smallest".into());
+        }
+        let patchgd_peak = b.rows[0].run.peak_rss_bytes;
+        let rows: Vec<Vec<String>> = b
+            .rows
+            .iter()
+            .map(|r| {
+                let last = r.run.epochs.last().cloned().unwrap_or_default();
+                let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
+                vec![
+                    r.method.to_string(),
+                    r.input_px.to_string(),
+                    format!(
+                        "{:.0}{}",
+                        mib(r.run.peak_rss_bytes),
+                        if r.run.peak_rss_bytes <= patchgd_peak { "" } else { " (over)" }
+                    ),
+                    r.run.epochs.len().to_string(),
+                    format!("{secs:.0}"),
+                    if r.run.ok {
+                        format!("{:.3}", last.val_accuracy)
+                    } else {
+                        format!("failed: {}", r.run.tail)
+                    },
+                ]
+            })
+            .collect();
+        emit(
+            &mut report,
+            format!(
+                "## 3. PatchGD vs GD at one memory budget ({} px UltraMNIST, 2 classes; budget = PatchGD's probe peak {:.0} MiB; wall time {:.0} s each; \"(over)\": above PatchGD's peak in its timed run)\n\nGD sizes probed: {}\n\n{}",
+                b.image_px,
+                mib(b.budget_bytes),
+                opts.budget_seconds,
+                probes.join(", "),
+                table(
+                    &[
+                        "method",
+                        "input px",
+                        "peak RSS MiB",
+                        "epochs",
+                        "train + eval s",
+                        "val accuracy",
+                    ],
+                    &rows
+                )
+            ),
+        );
+    }
+    Ok(report)
+}

@@ -1,0 +1,78 @@
+//! `patchgd bench --quick`: every part runs end to end through the real binary and reports
+//! numbers that hang together.
+
+use std::process::Command;
+
+/// The cells of the rows of the Markdown table under `heading` (header and rule skipped).
+fn table(report: &str, heading: &str) -> Vec<Vec<String>> {
+    let start = report
+        .find(heading)
+        .unwrap_or_else(|| panic!("no '{heading}' in:\n{report}"));
+    report[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn quick_bench_measures_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_file = dir.path().join("bench.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_patchgd"))
+        .args(["bench", "--quick", "--device", "cpu", "--dir"])
+        .arg(dir.path().join("work"))
+        .arg("--output")
+        .arg(&report_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(&report_file).unwrap();
+
+    let eff = table(&report, "## 1.");
+    assert_eq!(eff.len(), 2, "{report}");
+    for row in &eff {
+        let num = |i: usize| row[i].parse::<f64>().unwrap();
+        let (ceiling, pipeline, ratio) = (num(5), num(6), num(7));
+        assert!(ceiling > 0.0 && pipeline > 0.0, "{row:?}");
+        assert!((pipeline / ceiling - ratio).abs() < 0.01, "{row:?}");
+    }
+    assert_eq!((eff[0][0].as_str(), eff[1][0].as_str()), ("small_cnn", "resnet18"));
+
+    // Quick sizes 128, 256, 512 px with 32 px patches: 16, 64, 256 patches per image.
+    let mem = table(&report, "## 2.");
+    let patchgd: Vec<&Vec<String>> = mem.iter().filter(|r| r[0] == "PatchGD").collect();
+    assert_eq!(
+        patchgd.iter().map(|r| r[2].as_str()).collect::<Vec<_>>(),
+        ["16", "64", "256"]
+    );
+    for r in &patchgd {
+        assert_eq!(r[6], "ok", "{r:?}");
+        assert!(r[3].parse::<f64>().unwrap() > 50.0, "a peak RSS in MiB: {r:?}");
+    }
+    assert!(mem.iter().any(|r| r[0] == "GD"));
+
+    // GD trains at a size it probed (at these tiny sizes both peaks are libtorch's baseline,
+    // so whether it "fits" is noise); both report an accuracy.
+    let budget = table(&report, "## 3.");
+    assert_eq!(budget.len(), 2, "{report}");
+    assert_eq!((budget[0][0].as_str(), budget[0][1].as_str()), ("PatchGD", "128"));
+    let gd_px = &budget[1][1];
+    assert!(report.contains(&format!(" {gd_px} px: ")), "{report}");
+    for r in &budget {
+        let acc: f64 = r[5].parse().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&acc), "{r:?}");
+        assert!(r[3].parse::<u32>().unwrap() >= 1, "epochs: {r:?}");
+    }
+}
