@@ -590,7 +590,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     } else {
         args.sizes
     };
-    let report = patchgd::bench::run(&opts, &parts, &backbones, &sizes).map_err(anyhow::Error::msg)?;
+    let report =
+        patchgd::bench::run(&opts, &parts, &backbones, &sizes).map_err(anyhow::Error::msg)?;
     if let Some(path) = args.output {
         std::fs::write(&path, report)
             .with_context(|| format!("cannot write '{}'", path.display()))?;

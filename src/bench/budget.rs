@@ -104,10 +104,7 @@ pub fn measure(opts: &BenchOptions) -> Result<Budget, String> {
     ] {
         let name = method.to_lowercase();
         let (file, out) = write(&name, &images, &labels, epochs(epoch_s))?;
-        let sets = [
-            format!("method={name}"),
-            format!("gd.image_size={gd_size}"),
-        ];
+        let sets = [format!("method={name}"), format!("gd.image_size={gd_size}")];
         let run = run_pipeline(&opts.exe, &file, &out, &sets, cap)?;
         rows.push(BudgetRow {
             method,

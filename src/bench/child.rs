@@ -54,7 +54,9 @@ pub fn run_pipeline(
     cmd.arg("run")
         .arg(pipeline)
         .args(["--fresh", "--no-progress"])
-        .stdout(Stdio::from(log_file.try_clone().map_err(|e| e.to_string())?))
+        .stdout(Stdio::from(
+            log_file.try_clone().map_err(|e| e.to_string())?,
+        ))
         .stderr(Stdio::from(log_file));
     for s in sets {
         cmd.args(["--set", s]);
@@ -112,7 +114,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochRow>, String> {
     Ok(lines
         .map(|l| {
             let v: Vec<&str> = l.split(',').collect();
-            let f = |i: usize| v.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+            let f = |i: usize| {
+                v.get(i)
+                    .and_then(|x| x.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN)
+            };
             EpochRow {
                 seconds: f(s),
                 val_accuracy: f(a),

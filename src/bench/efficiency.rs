@@ -50,8 +50,13 @@ struct Setup {
 
 impl Setup {
     fn trainer(&self) -> Result<Trainer, String> {
-        build_trainer(&self.def, self.spec.clone(), self.device, self.entries.len())
-            .map_err(|e| e.to_string())
+        build_trainer(
+            &self.def,
+            self.spec.clone(),
+            self.device,
+            self.entries.len(),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Every training image, assembled through the real source (not timed).

@@ -190,8 +190,8 @@ pub fn run(
                 format!("{} / {}", r.image_px, r.patch_px),
                 r.images.to_string(),
                 r.rounds.to_string(),
-                format!("{:.0}", r.ceiling),
-                format!("{:.0}", r.pipeline),
+                format!("{:.1}", r.ceiling),
+                format!("{:.1}", r.pipeline),
                 format!("{:.3}", r.ratio),
             ]);
         }
@@ -227,7 +227,10 @@ pub fn run(
             .map(|r| {
                 let growth = match (r.run.ok, base(r.method)) {
                     (true, Some(b)) => {
-                        format!("{:+.1}%", (r.run.peak_rss_bytes as f64 / b as f64 - 1.0) * 100.0)
+                        format!(
+                            "{:+.1}%",
+                            (r.run.peak_rss_bytes as f64 / b as f64 - 1.0) * 100.0
+                        )
                     }
                     _ => "-".into(),
                 };
@@ -277,7 +280,11 @@ pub fn run(
             .probes
             .iter()
             .map(|(s, peak, fits)| {
-                format!("{s} px: {:.0} MiB{}", mib(*peak), if *fits { " (fits)" } else { "" })
+                format!(
+                    "{s} px: {:.0} MiB{}",
+                    mib(*peak),
+                    if *fits { " (fits)" } else { "" }
+                )
             })
             .collect();
         if !b.probes.iter().any(|p| p.2) {
@@ -296,7 +303,11 @@ pub fn run(
                     format!(
                         "{:.0}{}",
                         mib(r.run.peak_rss_bytes),
-                        if r.run.peak_rss_bytes <= patchgd_peak { "" } else { " (over)" }
+                        if r.run.peak_rss_bytes <= patchgd_peak {
+                            ""
+                        } else {
+                            " (over)"
+                        }
                     ),
                     r.run.epochs.len().to_string(),
                     format!("{secs:.0}"),

@@ -392,8 +392,8 @@ impl ImageAssembler {
             if !self.partial.contains_key(id) {
                 let cells = gr * gc;
                 let pixels = if cells * patch_bytes > self.spool.above_bytes {
-                    let spool = Spool::new(self.spool.dir.as_ref(), cells, patch_bytes)
-                        .map_err(|e| {
+                    let spool =
+                        Spool::new(self.spool.dir.as_ref(), cells, patch_bytes).map_err(|e| {
                             PatchError::Spool(format!(
                                 "image '{id}' ({} MiB of patches): {e}",
                                 (cells * patch_bytes) >> 20

@@ -111,7 +111,12 @@ mod tests {
         s.write_cell(2, &[7, 8, 9]).unwrap();
         s.write_cell(0, &[1, 2, 3]).unwrap();
         let mut out = [0xffu8; 3];
-        for (cell, want) in [(0, [1, 2, 3]), (1, [0, 0, 0]), (2, [7, 8, 9]), (3, [0, 0, 0])] {
+        for (cell, want) in [
+            (0, [1, 2, 3]),
+            (1, [0, 0, 0]),
+            (2, [7, 8, 9]),
+            (3, [0, 0, 0]),
+        ] {
             s.read_cell(cell, &mut out).unwrap();
             assert_eq!(out, want, "cell {cell}");
         }

@@ -82,9 +82,8 @@ impl GridBatch {
             for im in images {
                 bytes.extend_from_slice(im.pixels.memory().expect("not spooled"));
             }
-            let host = Tensor::from_slice(&bytes).view([
-                b as i64, k as i64, m as i64, m as i64, c as i64,
-            ]);
+            let host =
+                Tensor::from_slice(&bytes).view([b as i64, k as i64, m as i64, m as i64, c as i64]);
             Pixels::Resident(upload(host, device))
         };
         let labels: Vec<i64> = images.iter().map(|im| im.key.label.unwrap_or(-1)).collect();
@@ -163,24 +162,31 @@ impl GridBatch {
     pub fn patches(&self, flat: &[i64]) -> Tensor {
         let (m, c) = (self.patch, self.channels);
         let k = self.cells();
+        // A run of consecutive cells (the fill pass without a mask) is a view, not a gather,
+        // and needs no index tensor on the device.
+        let consecutive = !flat.is_empty() && flat.windows(2).all(|w| w[1] == w[0] + 1);
+        let take = |t: Tensor| {
+            if consecutive {
+                t.narrow(0, flat[0], flat.len() as i64)
+            } else {
+                t.index_select(0, &Tensor::from_slice(flat).to_device(self.device))
+            }
+        };
         match &self.pixels {
-            Pixels::Input(t) => {
-                let idx = Tensor::from_slice(flat).to_device(self.device);
-                t.view([self.b * k, c, m, m]).index_select(0, &idx)
-            }
-            Pixels::Resident(t) => {
-                let idx = Tensor::from_slice(flat).to_device(self.device);
-                normalise(&t.view([self.b * k, m, m, c]).index_select(0, &idx))
-            }
+            Pixels::Input(t) => take(t.view([self.b * k, c, m, m])),
+            Pixels::Resident(t) => normalise(&take(t.view([self.b * k, m, m, c]))),
             Pixels::Host(images) => {
                 let patch_bytes = (m * m * c) as usize;
                 let mut bytes = vec![0u8; flat.len() * patch_bytes];
                 for (i, &f) in flat.iter().enumerate() {
                     let (id, px) = &images[(f / k) as usize];
-                    px.read_cell((f % k) as usize, &mut bytes[i * patch_bytes..][..patch_bytes])
-                        .unwrap_or_else(|e| {
-                            panic!("reading spooled patch {} of image '{id}': {e}", f % k)
-                        });
+                    px.read_cell(
+                        (f % k) as usize,
+                        &mut bytes[i * patch_bytes..][..patch_bytes],
+                    )
+                    .unwrap_or_else(|e| {
+                        panic!("reading spooled patch {} of image '{id}': {e}", f % k)
+                    });
                 }
                 let host = Tensor::from_slice(&bytes).view([flat.len() as i64, m, m, c]);
                 normalise(&upload(host, self.device))

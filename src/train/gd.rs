@@ -6,7 +6,11 @@ use super::patchgd::{GridBatch, StepOutcome};
 use crate::model::Model;
 
 fn images(batch: &GridBatch) -> tch::Tensor {
-    assert_eq!(batch.cells(), 1, "GD takes whole images: a 1 x 1 grid per image");
+    assert_eq!(
+        batch.cells(),
+        1,
+        "GD takes whole images: a 1 x 1 grid per image"
+    );
     batch.patches(&(0..batch.batch_size()).collect::<Vec<i64>>())
 }
 

@@ -112,9 +112,9 @@ impl Adam {
             }
         }
         if let Some(s) = &mut self.scaler {
-            let t = by_name
-                .get("scaler")
-                .ok_or("optimizer state has no loss scaler (the run was saved without mixed precision)")?;
+            let t = by_name.get("scaler").ok_or(
+                "optimizer state has no loss scaler (the run was saved without mixed precision)",
+            )?;
             *s = LossScaler::from_tensor(t)?;
         }
         self.steps = steps;

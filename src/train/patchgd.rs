@@ -153,7 +153,7 @@ pub fn outer_step(
         let loss = logits.cross_entropy_for_logits(&batch.labels);
         // Summed on the device and read once per step: a read per iteration would make the
         // host wait for the GPU at every inner iteration.
-        loss_sum = loss_sum + loss.detach();
+        loss_sum += loss.detach();
         (loss * (opt.loss_scale() / plan.group_size[j] as f64)).backward();
         patch_passes += (b as usize) * cells.len();
         if plan.step_after[j] {

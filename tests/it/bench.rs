@@ -46,9 +46,14 @@ fn quick_bench_measures_every_target() {
         let num = |i: usize| row[i].parse::<f64>().unwrap();
         let (ceiling, pipeline, ratio) = (num(5), num(6), num(7));
         assert!(ceiling > 0.0 && pipeline > 0.0, "{row:?}");
-        assert!((pipeline / ceiling - ratio).abs() < 0.01, "{row:?}");
+        // One round in --quick: the ratio is pipeline / ceiling, up to the rounding of the
+        // printed passes/s (whole numbers; resnet18 makes ~100 a second here).
+        assert!((pipeline / ceiling - ratio).abs() < 0.03, "{row:?}");
     }
-    assert_eq!((eff[0][0].as_str(), eff[1][0].as_str()), ("small_cnn", "resnet18"));
+    assert_eq!(
+        (eff[0][0].as_str(), eff[1][0].as_str()),
+        ("small_cnn", "resnet18")
+    );
 
     // Quick sizes 128, 256, 512 px with 32 px patches: 16, 64, 256 patches per image.
     let mem = table(&report, "## 2.");
@@ -59,7 +64,10 @@ fn quick_bench_measures_every_target() {
     );
     for r in &patchgd {
         assert_eq!(r[6], "ok", "{r:?}");
-        assert!(r[3].parse::<f64>().unwrap() > 50.0, "a peak RSS in MiB: {r:?}");
+        assert!(
+            r[3].parse::<f64>().unwrap() > 50.0,
+            "a peak RSS in MiB: {r:?}"
+        );
     }
     assert!(mem.iter().any(|r| r[0] == "GD"));
 
@@ -67,7 +75,10 @@ fn quick_bench_measures_every_target() {
     // so whether it "fits" is noise); both report an accuracy.
     let budget = table(&report, "## 3.");
     assert_eq!(budget.len(), 2, "{report}");
-    assert_eq!((budget[0][0].as_str(), budget[0][1].as_str()), ("PatchGD", "128"));
+    assert_eq!(
+        (budget[0][0].as_str(), budget[0][1].as_str()),
+        ("PatchGD", "128")
+    );
     let gd_px = &budget[1][1];
     assert!(report.contains(&format!(" {gd_px} px: ")), "{report}");
     for r in &budget {

@@ -2,7 +2,7 @@
 
 use patchgd::model::{BackboneKind, Method, Model, ModelSpec};
 use patchgd::patch::batch::{Foreground, ImageKey, Raster, band_batch};
-use patchgd::patch::{Grid, ImageAssembler, ImagePatches};
+use patchgd::patch::{Grid, ImageAssembler, ImagePatches, SpoolPolicy};
 use patchgd::rng::Rng;
 use patchgd::train::optim::Adam;
 use patchgd::train::patchgd::{GridBatch, fill, grid_view, inner_forward, outer_step};
@@ -27,6 +27,10 @@ fn model(classes: i64) -> Model {
 /// An image of `rows` x `cols` patches of 8 px through the real patch path (bands → assembler);
 /// every patch has its own pattern.
 fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
+    image_with(rows, cols, label, seed, SpoolPolicy::default())
+}
+
+fn image_with(rows: usize, cols: usize, label: i64, seed: u64, spool: SpoolPolicy) -> ImagePatches {
     let (m, w, h) = (8, cols * 8, rows * 8);
     let mut rng = Rng::new(seed);
     let px: Vec<u8> = (0..w * h)
@@ -43,7 +47,7 @@ fn image(rows: usize, cols: usize, label: i64, seed: u64) -> ImagePatches {
         split: Some("train".into()),
     };
     let raster = Raster::whole(&px, w, h, 1);
-    let mut asm = ImageAssembler::default();
+    let mut asm = ImageAssembler::with_spool(spool);
     let mut done = Vec::new();
     for row in (0..grid.rows).rev() {
         done.extend(
@@ -112,11 +116,10 @@ fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_car
             .any(|(n, _)| n.starts_with("backbone."))
     );
     assert!(m.trainable().iter().any(|(n, _)| n.starts_with("head.")));
-    let per_cell =
-        patches
-            .grad()
-            .abs()
-            .sum_dim_intlist(&[0i64, 2, 3, 4][..], false, Kind::Float);
+    let per_cell = patches
+        .grad()
+        .abs()
+        .sum_dim_intlist(&[0i64, 2, 3, 4][..], false, Kind::Float);
     let per_cell: Vec<f32> = Vec::try_from(per_cell).unwrap();
     for (cell, g) in per_cell.iter().enumerate() {
         if sampled.contains(&(cell as i64)) {
@@ -233,13 +236,7 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
         assert!(norms.double_value(&[1, cell]) > 0.0, "image 1 cell {cell}");
     }
     // The full-batch fill agrees with the masked one on present cells.
-    let unmasked = GridBatch::from_input(
-        batch.input(),
-        batch.labels.shallow_clone(),
-        2,
-        3,
-        None,
-    );
+    let unmasked = GridBatch::from_input(batch.input(), batch.labels.shallow_clone(), 2, 3, None);
     let all = fill(&m, &unmasked, 3, false, None).0;
     assert!(all.get(1).allclose(&z.get(1), 1e-5, 1e-6, false));
     // An inner iteration that samples absent cells leaves them zero.
@@ -248,4 +245,40 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
     assert_eq!(norms.double_value(&[0, 1]), 0.0);
     assert_eq!(norms.double_value(&[0, 4]), 0.0);
     assert!(norms.double_value(&[0, 2]) > 0.0);
+}
+
+#[test]
+fn spooled_and_resident_batches_give_the_same_patches_in_the_order_asked() {
+    let spool = || SpoolPolicy {
+        above_bytes: 0,
+        dir: None,
+    };
+    let resident = GridBatch::from_images(&[image(3, 3, 0, 21), image(3, 3, 1, 22)], Device::Cpu);
+    let spooled = GridBatch::from_images(
+        &[
+            image_with(3, 3, 0, 21, spool()),
+            image_with(3, 3, 1, 22, spool()),
+        ],
+        Device::Cpu,
+    );
+    let all = resident.input().view([18, 1, 8, 8]);
+    // Out of order (nearly a run: 10..=13 but not ascending), a run, a single cell, across images.
+    for flat in [
+        vec![10i64, 12, 11, 13],
+        vec![3, 4, 5, 6],
+        vec![17],
+        vec![8, 0, 9],
+    ] {
+        let want = all.index_select(0, &Tensor::from_slice(&flat));
+        for (name, b) in [("resident", &resident), ("spooled", &spooled)] {
+            assert!(
+                b.patches(&flat).equal(&want),
+                "{name} patches {flat:?} differ from the input's"
+            );
+        }
+    }
+    // An inner iteration's cells of every image, image-major.
+    let cells = [2i64, 0];
+    let want = all.index_select(0, &Tensor::from_slice(&[2i64, 0, 11, 9]));
+    assert!(spooled.cells_of_all(&cells).equal(&want));
 }
