@@ -392,13 +392,12 @@ impl ImageAssembler {
             if !self.partial.contains_key(id) {
                 let cells = gr * gc;
                 let pixels = if cells * patch_bytes > self.spool.above_bytes {
-                    let spool =
-                        Spool::new(self.spool.dir.as_ref(), cells, patch_bytes).map_err(|e| {
-                            PatchError::Spool(format!(
-                                "image '{id}' ({} MiB of patches): {e}",
-                                (cells * patch_bytes) >> 20
-                            ))
-                        })?;
+                    let spool = Spool::new(cells, patch_bytes).map_err(|e| {
+                        PatchError::Spool(format!(
+                            "image '{id}' ({} MiB of patches): {e}",
+                            (cells * patch_bytes) >> 20
+                        ))
+                    })?;
                     PatchPixels::Spooled(spool)
                 } else {
                     PatchPixels::Memory(vec![0; cells * patch_bytes])
@@ -519,10 +518,7 @@ mod tests {
         };
         // 4 cells of 4 bytes = 16 bytes: a threshold of 15 spools it, 16 keeps it in memory.
         for (above, spooled) in [(15, true), (16, false)] {
-            let mut asm = ImageAssembler::with_spool(SpoolPolicy {
-                above_bytes: above,
-                dir: None,
-            });
+            let mut asm = ImageAssembler::with_spool(SpoolPolicy { above_bytes: above });
             asm.push(&band_batch(&key, &grid, 0, &img, 0, &Foreground::default()))
                 .unwrap();
             let done = asm

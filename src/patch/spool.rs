@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Cells x patch bytes, addressed by cell; cells never written read as zeros.
@@ -21,12 +20,9 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// An empty spool of `cells` patches in `dir` (the system temporary directory if `None`).
-    pub fn new(dir: Option<&PathBuf>, cells: usize, patch_bytes: usize) -> io::Result<Self> {
-        let file = match dir {
-            Some(d) => tempfile::tempfile_in(d)?,
-            None => tempfile::tempfile()?,
-        };
+    /// An empty spool of `cells` patches, in the system temporary directory (`$TMPDIR`).
+    pub fn new(cells: usize, patch_bytes: usize) -> io::Result<Self> {
+        let file = tempfile::tempfile()?;
         // Sparse: absent cells cost no disk and read back as zeros.
         file.set_len((cells * patch_bytes) as u64)?;
         Ok(Self {
@@ -87,8 +83,6 @@ impl PatchPixels {
 pub struct SpoolPolicy {
     /// Images with more patch bytes than this are spooled.
     pub above_bytes: usize,
-    /// Directory for the files (system temporary directory if `None`).
-    pub dir: Option<PathBuf>,
 }
 
 impl Default for SpoolPolicy {
@@ -96,7 +90,6 @@ impl Default for SpoolPolicy {
     fn default() -> Self {
         Self {
             above_bytes: usize::MAX,
-            dir: None,
         }
     }
 }
@@ -107,7 +100,7 @@ mod tests {
 
     #[test]
     fn cells_read_back_what_was_written_and_unwritten_cells_are_zero() {
-        let s = Spool::new(None, 4, 3).unwrap();
+        let s = Spool::new(4, 3).unwrap();
         s.write_cell(2, &[7, 8, 9]).unwrap();
         s.write_cell(0, &[1, 2, 3]).unwrap();
         let mut out = [0xffu8; 3];

@@ -203,7 +203,6 @@ pub fn build_trainer(
             reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
             spool: SpoolPolicy {
                 above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
-                dir: None,
             },
         },
         LatentStore::new(

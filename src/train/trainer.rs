@@ -203,7 +203,7 @@ impl Trainer {
         self.model.device()
     }
 
-    pub fn to_batch(&self, images: &[ImagePatches]) -> GridBatch {
+    fn to_batch(&self, images: &[ImagePatches]) -> GridBatch {
         GridBatch::from_images(images, self.device())
     }
 

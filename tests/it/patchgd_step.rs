@@ -249,10 +249,7 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
 
 #[test]
 fn spooled_and_resident_batches_give_the_same_patches_in_the_order_asked() {
-    let spool = || SpoolPolicy {
-        above_bytes: 0,
-        dir: None,
-    };
+    let spool = || SpoolPolicy { above_bytes: 0 };
     let resident = GridBatch::from_images(&[image(3, 3, 0, 21), image(3, 3, 1, 22)], Device::Cpu);
     let spooled = GridBatch::from_images(
         &[
