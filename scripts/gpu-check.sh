@@ -11,7 +11,7 @@
 # images per second, peak RSS, the final loss and the validation accuracy; fails if CUDA is
 # asked for and unusable, or a loss is not finite. Then `patchgd bench` on the first device:
 # pipeline efficiency (small CNN and resnet18) and peak memory at 1k/4k/16k px (--no-bench
-# skips it).
+# skips it; BENCH_SIZES=1024,4096 picks the memory part's sizes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +41,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 work=${GPU_CHECK_DIR:-$(mktemp -d)}
 mkdir -p "$work"
 bin=${PATCHGD_BIN:-}
-if [ -z "$bin" ] && [ -f .device/patchgd.xz ]; then
+# The carried binary, unless a local build is newer (a stale .device/ must not be measured).
+if [ -z "$bin" ] && [ -f .device/patchgd.xz ] && ! [ target/debug/patchgd -nt .device/patchgd.xz ]; then
     bin="$work/patchgd"
     $python -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .device/patchgd.xz "$bin"
     chmod +x "$bin"
@@ -93,5 +94,6 @@ printf '%s\n' "${rows[@]}"
 if [ "$bench" = 1 ]; then
     first=${devices%% *}
     echo
-    "$bin" bench --device "$first" --only efficiency --only memory --dir "$work/bench"
+    "$bin" bench --device "$first" --only efficiency --only memory --dir "$work/bench" \
+        --sizes "${BENCH_SIZES:-1024,4096,16384}"
 fi
