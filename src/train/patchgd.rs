@@ -5,7 +5,7 @@
 //! Z is kept flat as B x K x D (K = rows * cols, cell (r, c) at r * cols + c) and viewed as
 //! B x D x rows x cols for the head, so Z[:, :, r, c] is patch (r, c) by construction.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub use super::batch::GridBatch;
 use super::optim::Adam;
@@ -31,8 +31,9 @@ pub struct StepOutcome {
 pub struct Reuse {
     /// B x K x D: the stored vectors (anything where `compute` is true).
     pub z: Tensor,
-    /// B x K bool: true where the fill must encode the patch.
-    pub compute: Tensor,
+    /// B x K, image-major, on the host: true where the fill must encode the patch (it only
+    /// chooses which cells to read, so it never needs to be on the device).
+    pub compute: Vec<bool>,
 }
 
 /// Encode every present patch with no gradient: B x K x D, no autograd graph; absent cells
@@ -51,9 +52,7 @@ pub fn fill(
     let device = batch.device();
     let mut need = batch.present_flat();
     if let Some(r) = reuse {
-        let compute: Vec<bool> =
-            Vec::try_from(r.compute.view([-1]).to_device(Device::Cpu)).expect("mask to Vec");
-        need.retain(|&i| compute[i as usize]);
+        need.retain(|&i| r.compute[i as usize]);
     }
     let every_cell = need.len() as i64 == b * k && reuse.is_none();
     tch::no_grad(|| {
@@ -126,16 +125,12 @@ pub fn outer_step(
     let mut patch_passes = encoded as usize;
     let now = opt.steps as u64;
     let mut cell_steps: Vec<u64> = match reuse {
-        Some((r, stored)) => {
-            let compute: Vec<bool> =
-                Vec::try_from(r.compute.view([-1]).to_device(tch::Device::Cpu))
-                    .expect("mask to Vec");
-            compute
-                .iter()
-                .zip(stored)
-                .map(|(&c, &s)| if c { now } else { s })
-                .collect()
-        }
+        Some((r, stored)) => r
+            .compute
+            .iter()
+            .zip(stored)
+            .map(|(&c, &s)| if c { now } else { s })
+            .collect(),
         None => vec![now; (b * k) as usize],
     };
     opt.zero_grad();

@@ -170,9 +170,7 @@ impl Trainer {
                 z: Tensor::from_slice(&z)
                     .view([b, k as i64, d as i64])
                     .to_device(device),
-                compute: Tensor::from_slice(&compute)
-                    .view([b, k as i64])
-                    .to_device(device),
+                compute,
             },
             steps,
         ))
