@@ -70,9 +70,11 @@ impl Head {
                 }
             })
             .collect();
+        // In x's kind: an fp32 mask would promote bf16 activations back to fp32.
         x * Tensor::from_slice(&mask)
             .view([s[0], s[1], 1, 1])
             .to_device(x.device())
+            .to_kind(x.kind())
     }
 
     /// `z`: B x D x rows x cols. Returns B x classes logits.

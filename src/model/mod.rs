@@ -7,8 +7,12 @@ pub mod head;
 pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
 
+use std::collections::BTreeMap;
+
 use tch::nn;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::train::Precision;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,14 +33,26 @@ pub struct ModelSpec {
     pub classes: i64,
 }
 
+/// One trainable variable as the optimizer sees it.
+pub struct Param {
+    pub name: String,
+    /// What the optimizer updates and checkpoints hold (fp32).
+    pub master: Tensor,
+    /// The lower-precision copy forward passes use, whose gradient drives the update (bf16);
+    /// `None` when the master is used directly.
+    pub compute: Option<Tensor>,
+}
+
 pub struct Model {
     pub vs: nn::VarStore,
     pub spec: ModelSpec,
     backbone: Backbone,
     head: Option<Head>,
     classifier: Option<nn::Linear>,
-    /// Forward passes under fp16 autocast (CUDA), outputs back in fp32.
-    mixed: bool,
+    /// How forward passes compute (`train.precision`); outputs are fp32 whatever it is.
+    precision: Precision,
+    /// With bf16: the fp32 master of each variable whose `vs` tensor now holds a bf16 copy.
+    masters: BTreeMap<String, Tensor>,
 }
 
 impl Model {
@@ -76,21 +92,56 @@ impl Model {
             backbone,
             head,
             classifier,
-            mixed: false,
+            precision: Precision::F32,
+            masters: BTreeMap::new(),
         }
     }
 
-    /// Run forward passes under fp16 autocast (mixed precision; takes effect on CUDA only).
-    pub fn set_mixed_precision(&mut self, on: bool) {
-        self.mixed = on;
+    /// Choose how forward passes compute; call once, before the optimizer is built.
+    ///
+    /// `F16` runs them under autocast (fp16, effective on CUDA only). `Bf16` moves every conv and
+    /// linear variable to a bf16 compute copy and keeps its fp32 master here (the optimizer
+    /// updates the master and refreshes the copy); BatchNorm's variables stay fp32, which
+    /// libtorch's batch_norm accepts with bf16 input and which keeps its running statistics exact.
+    pub fn set_precision(&mut self, precision: Precision) {
+        assert!(
+            self.masters.is_empty(),
+            "set_precision is called once, on a new model"
+        );
+        self.precision = precision;
+        if precision != Precision::Bf16 {
+            return;
+        }
+        let vars = self.vs.variables();
+        // tch's BatchNorm is the one module with a `running_mean` next to its weight and bias.
+        let batch_norms: Vec<&str> = vars
+            .keys()
+            .filter_map(|n| n.strip_suffix(".running_mean"))
+            .collect();
+        for (name, var) in &vars {
+            let owner = name.rsplit_once('.').map_or("", |(p, _)| p);
+            if batch_norms.contains(&owner) || var.kind() != Kind::Float {
+                continue;
+            }
+            let master = var.detach().copy();
+            let mut compute = var.shallow_clone();
+            // set_data swaps the storage under every handle of the variable (the modules' too).
+            tch::no_grad(|| compute.set_data(&var.to_kind(Kind::BFloat16)));
+            self.masters.insert(name.clone(), master);
+        }
     }
 
-    /// `f` under autocast when mixed, its output in fp32 either way.
-    fn forward(&self, f: impl FnOnce() -> Tensor) -> Tensor {
-        if self.mixed {
-            tch::autocast(true, f).to_kind(tch::Kind::Float)
-        } else {
-            f()
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// `f(x)` in the model's precision: under autocast for f16, on a bf16 copy of `x` for bf16;
+    /// the output in fp32 either way.
+    fn forward(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
+        match self.precision {
+            Precision::F32 => f(x),
+            Precision::F16 => tch::autocast(true, || f(x)).to_kind(Kind::Float),
+            Precision::Bf16 => f(&x.to_kind(Kind::BFloat16)).to_kind(Kind::Float),
         }
     }
 
@@ -100,7 +151,7 @@ impl Model {
 
     /// Patches (N x C x m x m, normalised) -> N x D.
     pub fn encode(&self, patches: &Tensor, train: bool) -> Tensor {
-        self.forward(|| self.backbone.forward_t(patches, train))
+        self.forward(patches, |x| self.backbone.forward_t(x, train))
     }
 
     /// Latent grid (B x D x rows x cols) -> B x classes logits.
@@ -109,7 +160,7 @@ impl Model {
             .head
             .as_ref()
             .expect("classify_grid needs a PatchGD model");
-        self.forward(|| head.forward_t(z, train))
+        self.forward(z, |x| head.forward_t(x, train))
     }
 
     /// Whole-image vectors (B x D) -> B x classes logits (the GD baseline).
@@ -118,12 +169,21 @@ impl Model {
             .classifier
             .as_ref()
             .expect("classify_vector needs a GD model");
-        self.forward(|| v.apply(classifier))
+        self.forward(v, |x| x.apply(classifier))
     }
 
-    /// Every variable (parameters and BatchNorm buffers) by name, sorted: what the weights file holds.
+    /// Every variable (parameters and BatchNorm buffers) by name, sorted, in fp32 (the masters
+    /// of bf16 copies): what the weights file holds.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, var)| match self.masters.get(&name) {
+                Some(master) => (name, master.shallow_clone()),
+                None => (name, var),
+            })
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
     }
@@ -159,16 +219,40 @@ impl Model {
                     var.size()
                 ));
             }
-            tch::no_grad(|| var.copy_(&t.to_device(var.device())));
+            tch::no_grad(|| {
+                let t = t.to_device(var.device());
+                if let Some(master) = self.masters.get(&name) {
+                    master.shallow_clone().copy_(&t);
+                }
+                var.copy_(&t)
+            });
         }
         Ok(())
     }
 
-    /// Trainable parameters in a fixed (name) order, so that optimizer state lines up across runs.
-    pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        self.named_tensors()
+    /// Trainable parameters in a fixed (name) order, so that optimizer state lines up across
+    /// runs: (name, the fp32 tensor the optimizer updates, its bf16 compute copy if any).
+    pub fn trainable(&self) -> Vec<Param> {
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.into_iter()
+            .map(|(name, var)| match self.masters.get(&name) {
+                Some(master) => Param {
+                    master: master.shallow_clone(),
+                    compute: Some(var),
+                    name,
+                },
+                None => Param {
+                    name,
+                    master: var,
+                    compute: None,
+                },
+            })
             .collect()
     }
 }

@@ -308,7 +308,8 @@ pub struct TrainSpec {
     /// temporary file ($TMPDIR) instead of memory, so memory stays flat in image size.
     #[serde(default = "default_spool_above_mib")]
     pub spool_above_mib: f64,
-    /// `f32`, or `f16`: mixed precision on CUDA (fp16 autocast, loss scaling, fp32 weights).
+    /// `f32`; `bf16`: conv and linear layers compute in bf16 (CPU or CUDA), fp32 master weights;
+    /// `f16`: mixed precision on CUDA (fp16 autocast, loss scaling, fp32 weights).
     #[serde(default)]
     pub precision: Precision,
 }

@@ -177,7 +177,7 @@ pub fn build_trainer(
     if def.train.precision == Precision::F16 && !device.is_cuda() {
         return Err(RunError::Device(format!(
             "train.precision f16 needs a CUDA device (libtorch's autocast, as tch exposes it, \
-             covers CUDA only), but this run's device is {}; use precision f32",
+             covers CUDA only), but this run's device is {}; use precision bf16 or f32",
             device_name(device)
         )));
     }
@@ -189,7 +189,7 @@ pub fn build_trainer(
             .round() as u64,
     };
     let mut model = Model::seeded(spec, device, def.train.seed);
-    model.set_mixed_precision(def.train.precision == Precision::F16);
+    model.set_precision(def.train.precision);
     let mut trainer = Trainer::new(
         model,
         TrainerConfig {

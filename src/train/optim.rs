@@ -1,12 +1,13 @@
 //! Adam, owned rather than tch's built-in, so that its whole state (moments and step count) is
 //! plain tensors that a checkpoint can save and restore exactly (DESIGN.md).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::precision::LossScaler;
+use crate::model::Param;
 
 pub struct Adam {
-    params: Vec<(String, Tensor)>,
+    params: Vec<Param>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Optimizer steps taken.
@@ -20,10 +21,10 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(params: Vec<(String, Tensor)>, weight_decay: f64) -> Self {
-        let zeros = |p: &Tensor| p.zeros_like().detach();
-        let m = params.iter().map(|(_, p)| zeros(p)).collect();
-        let v = params.iter().map(|(_, p)| zeros(p)).collect();
+    pub fn new(params: Vec<Param>, weight_decay: f64) -> Self {
+        let zeros = |p: &Param| p.master.zeros_like().detach();
+        let m = params.iter().map(zeros).collect();
+        let v = params.iter().map(zeros).collect();
         Self {
             params,
             m,
@@ -43,9 +44,14 @@ impl Adam {
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+        for p in &mut self.params {
+            p.compute.as_mut().unwrap_or(&mut p.master).zero_grad();
         }
+    }
+
+    /// A parameter's gradient: that of the tensor the forward pass used (its compute copy).
+    fn grad(p: &Param) -> Tensor {
+        p.compute.as_ref().unwrap_or(&p.master).grad()
     }
 
     /// One Adam step at learning rate `lr` for every parameter that has a gradient. With loss
@@ -56,7 +62,7 @@ impl Adam {
             let grads: Vec<Tensor> = self
                 .params
                 .iter()
-                .map(|(_, p)| p.grad())
+                .map(Self::grad)
                 .filter(|g| g.defined())
                 .collect();
             let finite = scaler.unscale(&grads);
@@ -71,11 +77,13 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powf(t);
         let bc2 = 1.0 - self.beta2.powf(t);
         tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
-                let g = p.grad();
+            for (i, param) in self.params.iter_mut().enumerate() {
+                let g = Self::grad(param);
                 if !g.defined() {
                     continue;
                 }
+                let p = &mut param.master;
+                let g = g.to_kind(Kind::Float);
                 let g = if self.weight_decay != 0.0 {
                     &g + &*p * self.weight_decay
                 } else {
@@ -90,6 +98,9 @@ impl Adam {
                 let denom = (&self.v[i] / bc2).sqrt().g_add_scalar(self.eps);
                 let update = (&self.m[i] / bc1) / denom * lr;
                 let _ = p.g_sub_(&update);
+                if let Some(compute) = &mut param.compute {
+                    compute.copy_(p);
+                }
             }
         });
         true
@@ -99,12 +110,13 @@ impl Adam {
     pub fn load_state(&mut self, steps: i64, state: &[(String, Tensor)]) -> Result<(), String> {
         let by_name: std::collections::HashMap<&str, &Tensor> =
             state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (i, (name, p)) in self.params.iter().enumerate() {
+        for (i, p) in self.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("{prefix}.{name}");
+                let key = format!("{prefix}.{}", p.name);
                 let t = by_name
                     .get(key.as_str())
                     .ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
+                let p = &p.master;
                 if t.size() != p.size() {
                     return Err(format!("optimizer tensor '{key}' has the wrong shape"));
                 }
@@ -124,9 +136,9 @@ impl Adam {
     /// Moments by parameter name (`m.NAME`, `v.NAME`), for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("m.{name}"), self.m[i].shallow_clone()));
-            out.push((format!("v.{name}"), self.v[i].shallow_clone()));
+        for (i, p) in self.params.iter().enumerate() {
+            out.push((format!("m.{}", p.name), self.m[i].shallow_clone()));
+            out.push((format!("v.{}", p.name), self.v[i].shallow_clone()));
         }
         if let Some(s) = &self.scaler {
             out.push(("scaler".into(), s.to_tensor()));
@@ -143,13 +155,12 @@ mod tests {
     fn adam_matches_the_closed_form_first_step_and_skips_params_without_grad() {
         let a = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let b = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
-        let mut opt = Adam::new(
-            vec![
-                ("a".into(), a.shallow_clone()),
-                ("b".into(), b.shallow_clone()),
-            ],
-            0.0,
-        );
+        let param = |name: &str, t: &Tensor| Param {
+            name: name.into(),
+            master: t.shallow_clone(),
+            compute: None,
+        };
+        let mut opt = Adam::new(vec![param("a", &a), param("b", &b)], 0.0);
         opt.zero_grad();
         (&a * &a).sum(tch::Kind::Float).backward();
         opt.step(0.1);

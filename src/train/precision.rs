@@ -1,10 +1,14 @@
-//! Mixed precision: fp16 autocast on CUDA with dynamic loss scaling.
+//! Mixed precision: fp16 autocast on CUDA with dynamic loss scaling, or bf16 compute copies of
+//! the weights (CPU and CUDA) with fp32 master weights.
 //!
-//! tch 0.24 exposes libtorch's autocast switch but not its dtype, so the mixed type is CUDA's
-//! default, fp16; fp16 gradients underflow without loss scaling, hence [`LossScaler`] (the
-//! scheme of PyTorch's `GradScaler`: scale the loss, unscale the gradients, skip a step whose
-//! gradients are not finite and halve the scale, double it after a run of good steps).
-//! Master weights and optimizer moments stay fp32.
+//! tch 0.24 exposes libtorch's autocast switch but not its dtype, so autocast's mixed type is
+//! CUDA's default, fp16; fp16 gradients underflow without loss scaling, hence [`LossScaler`]
+//! (the scheme of PyTorch's `GradScaler`: scale the loss, unscale the gradients, skip a step
+//! whose gradients are not finite and halve the scale, double it after a run of good steps).
+//! bf16 cannot go through autocast, so the model casts its conv and linear weights itself
+//! (`Model::set_precision`) and the optimizer updates fp32 masters of them; bf16 has fp32's
+//! exponent range, so it needs no loss scaling. In both, master weights, BatchNorm and optimizer
+//! moments stay fp32, and checkpoints hold fp32 weights.
 
 use tch::{Kind, Tensor};
 
@@ -16,6 +20,20 @@ pub enum Precision {
     F32,
     /// Backbone and head under fp16 autocast (CUDA only), loss scaling, fp32 weights.
     F16,
+    /// Conv and linear weights, inputs and activations in bf16 (CPU or CUDA); fp32 masters,
+    /// BatchNorm and loss.
+    Bf16,
+}
+
+impl Precision {
+    /// The name pipeline files use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Dynamic loss scale.

@@ -182,6 +182,32 @@ fn a_corrupt_newest_checkpoint_falls_back_to_an_older_one_and_still_ends_the_sam
 }
 
 #[test]
+fn a_bf16_run_resumed_from_an_older_checkpoint_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run").display().to_string();
+    let file = setup(dir.path(), "p.yaml", &out);
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    let def = Definition::from_yaml_with_overrides(&yaml, "bf16.yaml", &["train.precision=bf16"])
+        .unwrap();
+    let quiet = RunOptions::default();
+    run_with(&def, &quiet).unwrap();
+    let first = std::fs::read(format!("{out}/model.safetensors")).unwrap();
+    // Resuming restores the fp32 masters and the bf16 copies the forward passes use: a resume
+    // that kept either one stale would end elsewhere.
+    let ckpt = Location::parse(&format!("{out}/checkpoints")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let steps = rt.block_on(checkpoint::complete_steps(&ckpt)).unwrap();
+    std::fs::remove_dir_all(format!(
+        "{out}/checkpoints/{}",
+        checkpoint::dir_name(steps[0])
+    ))
+    .unwrap();
+    std::fs::remove_file(format!("{out}/model.safetensors")).unwrap();
+    run_with(&def, &quiet).unwrap();
+    assert!(std::fs::read(format!("{out}/model.safetensors")).unwrap() == first);
+}
+
+#[test]
 fn a_changed_pipeline_is_refused_by_key_and_fresh_starts_over() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run").display().to_string();
