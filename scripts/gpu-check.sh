@@ -7,11 +7,12 @@
 # The binary: $PATCHGD_BIN, else .device/patchgd.xz (unpacked with python3's lzma: carry it
 # there, see docs/benchmarks.md), else target/debug/patchgd. --cpu runs the same table on the
 # CPU (also on a machine without a GPU). Prints one row per size, device and precision (CUDA:
-# f32 and f16 mixed precision): backbone patch passes per second (fill and gradient together),
-# images per second, peak RSS, the final loss and the validation accuracy; fails if CUDA is
-# asked for and unusable, or a loss is not finite. Then `patchgd bench` on the first device:
-# pipeline efficiency (small CNN and resnet18) and peak memory at 1k/4k/16k px (--no-bench
-# skips it; BENCH_SIZES=1024,4096 picks the memory part's sizes).
+# f32, bf16 and f16 mixed precision; CPU: f32): backbone patch passes per second (fill and
+# gradient together), images per second, peak RSS, the final loss and the validation accuracy;
+# fails if CUDA is asked for and unusable, or a loss is not finite. Then `patchgd bench` on the first device:
+# pipeline efficiency (small CNN and resnet18), peak memory at 1k/4k/16k px, and the mixed
+# precision comparison (speed, accuracy, agreement with f32) (--no-bench skips it;
+# BENCH_SIZES=1024,4096 picks the memory part's sizes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +58,7 @@ for size in $sizes; do
     [ -d "$data" ] || "$bin" synth ultramnist --out "$data" --size "$size" --classes 4 --train 64 --val 16 --seed 3 >/dev/null
     for device in $devices; do
       precisions="f32"
-      [ "$device" = cuda ] && precisions="f32 f16"
+      [ "$device" = cuda ] && precisions="f32 bf16 f16"
       for precision in $precisions; do
         out="$work/out-$size-$device-$precision"
         start=$(date +%s.%N)
@@ -94,6 +95,6 @@ printf '%s\n' "${rows[@]}"
 if [ "$bench" = 1 ]; then
     first=${devices%% *}
     echo
-    "$bin" bench --device "$first" --only efficiency --only memory --dir "$work/bench" \
+    "$bin" bench --device "$first" --only efficiency --only memory --only precision --dir "$work/bench" \
         --sizes "${BENCH_SIZES:-1024,4096,16384}"
 fi

@@ -67,7 +67,7 @@ struct BenchArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// f32, or f16 (mixed precision, CUDA).
+    /// f32, bf16 (mixed precision), or f16 (mixed precision, CUDA).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Small sizes and counts (a smoke run).
@@ -569,14 +569,23 @@ fn bench(args: BenchArgs) -> Result<()> {
         dir: std::path::absolute(&args.dir)?,
         device: serde_norway::from_str(&args.device)
             .with_context(|| format!("--device '{}': expected auto, cpu or cuda", args.device))?,
-        precision: serde_norway::from_str(&args.precision)
-            .with_context(|| format!("--precision '{}': expected f32 or f16", args.precision))?,
+        precision: serde_norway::from_str(&args.precision).with_context(|| {
+            format!(
+                "--precision '{}': expected f32, bf16 or f16",
+                args.precision
+            )
+        })?,
         quick: args.quick,
         budget_seconds: if args.quick { 5.0 } else { args.seconds },
         exe: std::env::current_exe()?,
     };
     let parts = if args.only.is_empty() {
-        vec![Part::Efficiency, Part::Memory, Part::Budget]
+        vec![
+            Part::Efficiency,
+            Part::Memory,
+            Part::Budget,
+            Part::Precision,
+        ]
     } else {
         args.only
     };

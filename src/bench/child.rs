@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, Default)]
 pub struct EpochRow {
     pub seconds: f64,
+    pub train_loss: f64,
+    pub val_loss: f64,
     pub val_accuracy: f64,
     pub patches_per_s: f64,
     pub peak_rss_bytes: u64,
@@ -105,6 +107,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochRow>, String> {
             .position(|h| *h == name)
             .ok_or_else(|| format!("{} has no column '{name}'", path.display()))
     };
+    let (tl, vl) = (col("train_loss")?, col("val_loss")?);
     let (s, a, p, r) = (
         col("seconds")?,
         col("val_accuracy")?,
@@ -121,6 +124,8 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochRow>, String> {
             };
             EpochRow {
                 seconds: f(s),
+                train_loss: f(tl),
+                val_loss: f(vl),
                 val_accuracy: f(a),
                 patches_per_s: f(p),
                 peak_rss_bytes: f(r) as u64,

@@ -5,11 +5,14 @@
 //! - [`memory`]: peak RSS of PatchGD and GD runs at growing image sizes, one child process per
 //!   run (peak RSS is per process), each watched and stopped at a memory cap.
 //! - [`budget`]: PatchGD against GD at the same peak-memory budget and the same wall time.
+//! - [`precision`]: one run in each precision the device takes: speed, accuracy, and agreement
+//!   of its predictions with f32's.
 
 pub mod budget;
 pub mod child;
 pub mod efficiency;
 pub mod memory;
+pub mod precision;
 
 use std::path::{Path, PathBuf};
 
@@ -42,10 +45,7 @@ impl BenchOptions {
         }
     }
     pub fn precision_name(&self) -> &'static str {
-        match self.precision {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-        }
+        self.precision.name()
     }
 }
 
@@ -58,20 +58,24 @@ pub fn generate(
     val: usize,
     format: ImageFormat,
 ) -> Result<(String, String), String> {
+    generate_recipe(dir, &Recipe::new(size, classes, 42), train, val, format)
+}
+
+/// [`generate`] from any recipe.
+pub fn generate_recipe(
+    dir: &Path,
+    recipe: &Recipe,
+    train: usize,
+    val: usize,
+    format: ImageFormat,
+) -> Result<(String, String), String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let root = dir.display().to_string();
     let out = Location::parse(&root).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    rt.block_on(write_ultramnist(
-        &out,
-        &Recipe::new(size, classes, 42),
-        train,
-        val,
-        None,
-        format,
-    ))
-    .map_err(|e| format!("generating {root}: {e}"))?;
+    rt.block_on(write_ultramnist(&out, recipe, train, val, None, format))
+        .map_err(|e| format!("generating {root}: {e}"))?;
     Ok((format!("{root}/images"), format!("{root}/labels.csv")))
 }
 
@@ -152,6 +156,7 @@ pub enum Part {
     Efficiency,
     Memory,
     Budget,
+    Precision,
 }
 
 /// Run the chosen parts and return the report (Markdown tables). Each table is also printed as
@@ -335,6 +340,71 @@ pub fn run(
                         "epochs",
                         "train + eval s",
                         "val accuracy",
+                    ],
+                    &rows
+                )
+            ),
+        );
+    }
+    if parts.contains(&Part::Precision) {
+        let p = precision::measure(opts)?;
+        let f32_speed = p
+            .rows
+            .iter()
+            .find(|r| r.precision == Precision::F32 && r.run.ok)
+            .map(|r| median(r.run.epochs.iter().map(|e| e.patches_per_s).collect()));
+        let rows: Vec<Vec<String>> = p
+            .rows
+            .iter()
+            .map(|r| {
+                if !r.run.ok {
+                    return vec![
+                        r.precision.name().to_string(),
+                        format!("failed: {}", r.run.tail),
+                    ];
+                }
+                let last = r.run.epochs.last().cloned().unwrap_or_default();
+                let speed = median(r.run.epochs.iter().map(|e| e.patches_per_s).collect());
+                let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
+                vec![
+                    r.precision.name().to_string(),
+                    format!("{speed:.1}"),
+                    f32_speed.map_or("-".into(), |b| format!("{:.2}", speed / b)),
+                    format!("{secs:.0}"),
+                    format!("{:.0}", mib(r.run.peak_rss_bytes)),
+                    format!("{:.4}", last.train_loss),
+                    format!("{:.4}", last.val_loss),
+                    format!("{:.3}", last.val_accuracy),
+                    r.agreement_with_f32
+                        .map_or("-".into(), |a| format!("{:.3}", a)),
+                ]
+            })
+            .collect();
+        let skipped = if p.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("\n\nNot run: {}.", p.skipped.join("; "))
+        };
+        emit(
+            &mut report,
+            format!(
+                "## 4. Mixed precision ({} px canvases with one MNIST-style digit, 10 classes, {} px patches, small CNN, {} train / {} val images, {} epochs, same seed and order; speed: median of epochs' training patch passes/s){skipped}\n\n{}",
+                p.image_px,
+                p.patch_px,
+                p.train_images,
+                p.val_images,
+                p.epochs,
+                table(
+                    &[
+                        "precision",
+                        "patch passes/s",
+                        "vs f32",
+                        "train + eval s",
+                        "peak RSS MiB",
+                        "final train loss",
+                        "val loss",
+                        "val accuracy",
+                        "val predictions = f32's",
                     ],
                     &rows
                 )

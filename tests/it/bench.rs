@@ -86,4 +86,27 @@ fn quick_bench_measures_every_target() {
         assert!((0.0..=1.0).contains(&acc), "{r:?}");
         assert!(r[3].parse::<u32>().unwrap() >= 1, "epochs: {r:?}");
     }
+
+    // Mixed precision on the CPU: f32 and bf16 (f16 needs CUDA and is named as not run); the
+    // speed ratio is bf16 / f32, and bf16's predictions are compared with f32's.
+    let precision = table(&report, "## 4.");
+    assert_eq!(
+        precision.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
+        ["f32", "bf16"],
+        "{report}"
+    );
+    assert!(report.contains("Not run: f16"), "{report}");
+    let speed = |r: &Vec<String>| r[1].parse::<f64>().unwrap();
+    let ratio: f64 = precision[1][2].parse().unwrap();
+    assert!(
+        (speed(&precision[1]) / speed(&precision[0]) - ratio).abs() < 0.01,
+        "{precision:?}"
+    );
+    for r in &precision {
+        let acc: f64 = r[7].parse().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&acc), "{r:?}");
+    }
+    assert_eq!(precision[0][8], "-");
+    let agreement: f64 = precision[1][8].parse().unwrap();
+    assert!((0.0..=1.0).contains(&agreement), "{precision:?}");
 }
