@@ -6,7 +6,7 @@
 //! seconds and peak each run really took, and whether GD stayed under PatchGD's real peak.
 
 use super::child::{ChildRun, default_cap, run_pipeline};
-use super::{BenchOptions, generate, pipeline_yaml};
+use super::{BenchOptions, generate, write_pipeline};
 use crate::synth::ImageFormat;
 
 #[derive(Clone, Debug)]
@@ -45,20 +45,7 @@ pub fn measure(opts: &BenchOptions) -> Result<Budget, String> {
     )?;
     let cap = default_cap();
     let write = |name: &str, images: &str, labels: &str, epochs: u64| {
-        let out = dir.join(format!("out-{name}"));
-        let yaml = pipeline_yaml(
-            opts,
-            images,
-            labels,
-            &out.display().to_string(),
-            patch,
-            epochs,
-            batch,
-            2,
-        );
-        let file = dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, yaml).map_err(|e| e.to_string())?;
-        Ok::<_, String>((file, out))
+        write_pipeline(opts, &dir, name, (images, labels, 2), patch, epochs, batch)
     };
     // The budget: PatchGD's peak at full resolution, one probe epoch.
     let (file, out) = write("probe-patchgd", &p_images, &p_labels, 1)?;

@@ -5,7 +5,7 @@
 //! contrast until it no longer fits under the cap.
 
 use super::child::{ChildRun, default_cap, run_pipeline};
-use super::{BenchOptions, generate, pipeline_yaml};
+use super::{BenchOptions, generate, write_pipeline};
 use crate::source::tiff::write::TileCompression;
 use crate::synth::ImageFormat;
 
@@ -47,19 +47,8 @@ pub fn measure(opts: &BenchOptions, sizes: &[u32]) -> Result<Vec<MemoryRow>, Str
             if method == "gd" && gd_failed {
                 continue; // it failed at a smaller size already
             }
-            let out = dir.join(format!("out-{method}"));
-            let yaml = pipeline_yaml(
-                opts,
-                &images,
-                &labels,
-                &out.display().to_string(),
-                patch,
-                1,
-                1,
-                4,
-            );
-            let file = dir.join(format!("{method}.yaml"));
-            std::fs::write(&file, yaml).map_err(|e| e.to_string())?;
+            let (file, out) =
+                write_pipeline(opts, &dir, method, (&images, &labels, 4), patch, 1, 1)?;
             let rho = PER_INNER as f64 / cells as f64;
             let sets = vec![
                 format!("method={method}"),

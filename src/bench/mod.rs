@@ -127,6 +127,34 @@ output: {output}
     )
 }
 
+/// Write `dir/NAME.yaml` for a child run ([`pipeline_yaml`], output `dir/out-NAME`); returns
+/// the file and the output directory.
+#[allow(clippy::too_many_arguments)]
+pub fn write_pipeline(
+    opts: &BenchOptions,
+    dir: &Path,
+    name: &str,
+    (images, labels, classes): (&str, &str, u32),
+    patch: usize,
+    epochs: u64,
+    batch: usize,
+) -> Result<(PathBuf, PathBuf), String> {
+    let out = dir.join(format!("out-{name}"));
+    let yaml = pipeline_yaml(
+        opts,
+        images,
+        labels,
+        &out.display().to_string(),
+        patch,
+        epochs,
+        batch,
+        classes,
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok((file, out))
+}
+
 /// Markdown table: a header row and rows of cells.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = format!("| {} |\n", header.join(" | "));

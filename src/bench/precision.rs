@@ -15,7 +15,7 @@ use arrow::array::{Array, Int64Array, StringArray, UInt64Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::child::{ChildRun, default_cap, run_pipeline};
-use super::{BenchOptions, generate_recipe, pipeline_yaml};
+use super::{BenchOptions, generate_recipe, write_pipeline};
 use crate::pipeline::definition::DeviceChoice;
 use crate::synth::ImageFormat;
 use crate::synth::ultramnist::Recipe;
@@ -84,19 +84,15 @@ pub fn measure(opts: &BenchOptions) -> Result<PrecisionReport, String> {
     let mut f32_predictions = None;
     for precision in wanted {
         let name = precision.name();
-        let out = dir.join(format!("out-{name}"));
-        let yaml = pipeline_yaml(
+        let (file, out) = write_pipeline(
             opts,
-            &images,
-            &labels,
-            &out.display().to_string(),
+            &dir,
+            name,
+            (&images, &labels, CLASSES),
             patch,
             epochs,
             batch,
-            CLASSES,
-        );
-        let file = dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, yaml).map_err(|e| format!("{}: {e}", file.display()))?;
+        )?;
         let sets = [format!("train.precision={name}")];
         let run = run_pipeline(&opts.exe, &file, &out, &sets, default_cap())?;
         let predictions = if run.ok {
