@@ -379,23 +379,20 @@ pub fn run(
         let f32_speed = p
             .rows
             .iter()
-            .find(|r| r.precision == Precision::F32 && r.run.ok)
+            .find(|r| r.precision == Precision::F32 && !r.other_seed && r.run.ok)
             .map(|r| median(r.run.epochs.iter().map(|e| e.patches_per_s).collect()));
         let rows: Vec<Vec<String>> = p
             .rows
             .iter()
             .map(|r| {
                 if !r.run.ok {
-                    return vec![
-                        r.precision.name().to_string(),
-                        format!("failed: {}", r.run.tail),
-                    ];
+                    return vec![r.label(), format!("failed: {}", r.run.tail)];
                 }
                 let last = r.run.epochs.last().cloned().unwrap_or_default();
                 let speed = median(r.run.epochs.iter().map(|e| e.patches_per_s).collect());
                 let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
                 vec![
-                    r.precision.name().to_string(),
+                    r.label(),
                     format!("{speed:.1}"),
                     f32_speed.map_or("-".into(), |b| format!("{:.2}", speed / b)),
                     format!("{secs:.0}"),

@@ -2,7 +2,8 @@
 //! order) in each precision the device takes (f32 and bf16; f16 on CUDA only), each a
 //! `patchgd run` child. Besides speed and accuracy, the table gives how often a run's final
 //! validation predictions agree with f32's: the numerical effect of the precision, apart from
-//! the sampling noise of an accuracy measured on a few hundred images.
+//! the sampling noise of an accuracy measured on a few hundred images. A second f32 run with
+//! another seed gives that share its scale: how much two equally good f32 runs agree.
 //!
 //! The task is one digit per canvas, ten classes (UltraMNIST's recipe with a single digit): the
 //! 2-class UltraMNIST of the other parts barely leaves chance in the epochs a CPU affords, and
@@ -24,12 +25,27 @@ use crate::train::Precision;
 /// One digit per image: its class is the digit.
 pub const CLASSES: u32 = 10;
 
+/// The seed of the reference f32 run's twin (the pipeline's own seed is 42).
+pub const OTHER_SEED: u64 = 43;
+
 #[derive(Clone, Debug)]
 pub struct PrecisionRow {
     pub precision: Precision,
+    /// Trained with [`OTHER_SEED`] instead of the pipeline's seed.
+    pub other_seed: bool,
     pub run: ChildRun,
     /// Share of the last epoch's validation predictions equal to the f32 run's (f32: none).
     pub agreement_with_f32: Option<f64>,
+}
+
+impl PrecisionRow {
+    pub fn label(&self) -> String {
+        if self.other_seed {
+            format!("{}, seed {OTHER_SEED}", self.precision.name())
+        } else {
+            self.precision.name().to_string()
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -82,18 +98,28 @@ pub fn measure(opts: &BenchOptions) -> Result<PrecisionReport, String> {
     let (wanted, skipped) = precisions(opts.device);
     let mut rows: Vec<PrecisionRow> = Vec::new();
     let mut f32_predictions = None;
-    for precision in wanted {
+    let mut runs: Vec<(Precision, bool)> = wanted.into_iter().map(|p| (p, false)).collect();
+    runs.insert(1, (Precision::F32, true));
+    for (precision, other_seed) in runs {
         let name = precision.name();
+        let file_name = if other_seed {
+            format!("{name}-seed{OTHER_SEED}")
+        } else {
+            name.to_string()
+        };
         let (file, out) = write_pipeline(
             opts,
             &dir,
-            name,
+            &file_name,
             (&images, &labels, CLASSES),
             patch,
             epochs,
             batch,
         )?;
-        let sets = [format!("train.precision={name}")];
+        let mut sets = vec![format!("train.precision={name}")];
+        if other_seed {
+            sets.push(format!("train.seed={OTHER_SEED}"));
+        }
         let run = run_pipeline(&opts.exe, &file, &out, &sets, default_cap())?;
         let predictions = if run.ok {
             Some(last_epoch_predictions(&out.join("predictions.parquet"))?)
@@ -101,14 +127,15 @@ pub fn measure(opts: &BenchOptions) -> Result<PrecisionReport, String> {
             None
         };
         let agreement_with_f32 = match (&f32_predictions, &predictions) {
-            (Some(base), Some(mine)) if precision != Precision::F32 => Some(agreement(base, mine)),
+            (Some(base), Some(mine)) => Some(agreement(base, mine)),
             _ => None,
         };
-        if precision == Precision::F32 {
+        if precision == Precision::F32 && !other_seed {
             f32_predictions = predictions;
         }
         rows.push(PrecisionRow {
             precision,
+            other_seed,
             run,
             agreement_with_f32,
         });
