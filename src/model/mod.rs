@@ -131,10 +131,6 @@ impl Model {
         }
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// `f(x)` in the model's precision: under autocast for f16, on a bf16 copy of `x` for bf16;
     /// the output in fp32 either way.
     fn forward(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Tensor) -> Tensor {
