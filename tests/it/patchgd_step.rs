@@ -9,9 +9,11 @@ use patchgd::train::patchgd::{GridBatch, fill, grid_view, inner_forward, outer_s
 use patchgd::train::{Accumulation, plan_outer_step};
 use tch::{Device, Kind, Tensor};
 
+/// Seeded under `Model::seeded`'s lock: tests run in parallel and draw from libtorch's one
+/// generator, so a bare `manual_seed` + `new` could interleave with another test's draws (two
+/// models built here must be equal).
 fn model(classes: i64) -> Model {
-    tch::manual_seed(11);
-    Model::new(
+    Model::seeded(
         ModelSpec {
             method: Method::Patchgd,
             backbone: BackboneKind::SmallCnn,
@@ -21,6 +23,7 @@ fn model(classes: i64) -> Model {
             classes,
         },
         Device::Cpu,
+        11,
     )
 }
 
@@ -305,8 +308,12 @@ fn bf16_computes_in_bf16_within_rounding_of_f32_and_steps_fp32_masters() {
         assert_eq!(b.kind(), Kind::Float, "{n}");
         assert!(a.equal(&b), "{n}");
     }
-    tch::manual_seed(3);
-    let patches = Tensor::randn([12, 1, 8, 8], (Kind::Float, Device::Cpu));
+    // From our own generator: libtorch's is shared with the tests running alongside.
+    let mut rng = Rng::new(3);
+    let values: Vec<f32> = (0..12 * 64)
+        .map(|_| (rng.unit() * 2.0 - 1.0) as f32)
+        .collect();
+    let patches = Tensor::from_slice(&values).view([12, 1, 8, 8]);
     let (a, b) = (full.encode(&patches, true), half.encode(&patches, true));
     assert_eq!(b.kind(), Kind::Float);
     let forward_error = relative_error(&a, &b);
