@@ -33,6 +33,7 @@ fn bench(
             channels: 3,
             latent_dim: latent,
             head_width: head,
+            head_dropout: patchgd::model::head::HEAD_DROPOUT,
             classes: 10,
         },
         device,
@@ -54,7 +55,7 @@ fn bench(
     for i in 0..=steps {
         let plan = plan_outer_step((GRID * GRID) as usize, RHO, Accumulation::Zeta, &mut rng);
         let start = Instant::now();
-        let out = outer_step(&model, &mut opt, 1e-3, &batch, &plan, 256, None);
+        let out = outer_step(&model, &mut opt, 1e-3, &batch, &plan, 256, None).unwrap();
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }

@@ -3,7 +3,6 @@
 //! → assembled images → batches), and on batches built beforehand and already on the device
 //! (the compute ceiling). Rounds alternate so that drift in the machine hits both alike.
 
-use std::convert::Infallible;
 use std::time::Instant;
 
 use tch::Device;
@@ -17,7 +16,7 @@ use crate::source::{Catalog, ImageEntry, SourceItem, Split, stream_images};
 use crate::storage::Location;
 use crate::synth::ImageFormat;
 use crate::train::batch::GridBatch;
-use crate::train::{PassOutcome, Phase, Trainer};
+use crate::train::{NonFiniteError, PassOutcome, Phase, Trainer};
 
 #[derive(Clone, Debug)]
 pub struct EfficiencyRow {
@@ -123,6 +122,7 @@ pub fn measure(
             channels: def.source.channels as i64,
             latent_dim: latent,
             head_width: head,
+            head_dropout: crate::model::head::HEAD_DROPOUT,
             classes: 4,
         },
         device: choose_device(def.train.device).map_err(|e| e.to_string())?,
@@ -137,14 +137,20 @@ pub fn measure(
         .map(|c| (c, GridBatch::from_images(c, setup.device)))
         .collect();
     // Warm-up: libtorch's first passes allocate and pick kernels.
-    setup.trainer()?.train_on(batches[0].0, &batches[0].1);
+    setup
+        .trainer()?
+        .train_on(batches[0].0, &batches[0].1)
+        .map_err(|e| e.to_string())?;
     sync(setup.device);
     let in_memory = |setup: &Setup| -> Result<(f64, usize), String> {
         let mut t = setup.trainer()?;
         let start = Instant::now();
         let mut passes = 0;
         for (images, batch) in &batches {
-            passes += t.train_on(images, batch).2;
+            passes += t
+                .train_on(images, batch)
+                .map_err(|e| e.to_string())?
+                .patch_passes;
         }
         sync(setup.device);
         Ok((passes as f64 / start.elapsed().as_secs_f64(), passes))
@@ -163,9 +169,9 @@ pub fn measure(
                 rx,
                 PassOutcome::default(),
                 |_| {},
-                |_, _| Ok::<(), Infallible>(()),
+                |_, _| Ok::<(), NonFiniteError>(()),
             )
-            .unwrap_or_else(|e| match e {});
+            .map_err(|e| e.to_string())?;
         sync(setup.device);
         if pass.images != assembled.len() || !pass.failures.is_empty() {
             return Err(format!(

@@ -5,6 +5,11 @@ use std::str::FromStr;
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
+use super::init::{Conv, ConvInit, conv2d, linear};
+use super::mobilenet;
+use super::norm::batch_norm2d;
+use super::resnet::{self, Depth};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackboneKind {
@@ -53,16 +58,15 @@ impl FromStr for BackboneKind {
     }
 }
 
+/// The small CNN's block: conv3x3 stride 2 (no bias) + BatchNorm + ReLU, PyTorch's defaults.
 fn conv_bn_relu(p: nn::Path, c_in: i64, c_out: i64) -> nn::SequentialT {
-    let cfg = nn::ConvConfig {
-        stride: 2,
-        padding: 1,
-        bias: false,
-        ..Default::default()
-    };
     nn::seq_t()
-        .add(nn::conv2d(&p / "conv", c_in, c_out, 3, cfg))
-        .add(nn::batch_norm2d(&p / "bn", c_out, Default::default()))
+        .add(conv2d(
+            &p / "conv",
+            Conv::new(c_in, c_out, 3).stride(2),
+            ConvInit::TorchDefault,
+        ))
+        .add(batch_norm2d(&p / "bn", c_out))
         .add_fn(|x| x.relu())
 }
 
@@ -70,8 +74,9 @@ fn conv_bn_relu(p: nn::Path, c_in: i64, c_out: i64) -> nn::SequentialT {
 pub struct Backbone {
     kind: BackboneKind,
     data_channels: i64,
-    trunk: Box<dyn ModuleT>,
-    project: Option<nn::Linear>,
+    trunk: nn::SequentialT,
+    /// Linear(features -> D): ours, not torchvision's (its `fc` / `classifier` is left out).
+    project: nn::Linear,
 }
 
 impl std::fmt::Debug for Backbone {
@@ -81,8 +86,10 @@ impl std::fmt::Debug for Backbone {
 }
 
 impl Backbone {
+    /// Every layer starts as PyTorch (small CNN, projection) or torchvision (the ResNet and
+    /// MobileNetV2 trunks) would start it (see [`super::init`]).
     pub fn new(p: &nn::Path, kind: BackboneKind, data_channels: i64, latent_dim: i64) -> Self {
-        let (trunk, features): (Box<dyn ModuleT>, Option<i64>) = match kind {
+        let (trunk, features): (nn::SequentialT, i64) = match kind {
             BackboneKind::SmallCnn => {
                 let seq = nn::seq_t()
                     .add(conv_bn_relu(p / "block1", data_channels, 32))
@@ -90,24 +97,13 @@ impl Backbone {
                     .add(conv_bn_relu(p / "block3", 64, 128))
                     .add(conv_bn_relu(p / "block4", 128, 128))
                     .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
-                (Box::new(seq), Some(128))
+                (seq, 128)
             }
-            BackboneKind::Resnet18 => (
-                Box::new(tch::vision::resnet::resnet18_no_final_layer(p)),
-                Some(512),
-            ),
-            BackboneKind::Resnet50 => (
-                Box::new(tch::vision::resnet::resnet50_no_final_layer(p)),
-                Some(2048),
-            ),
-            // tch's MobileNetV2 ends in Dropout(0.2) + Linear(1280 -> n): with n = D that is the
-            // projection already.
-            BackboneKind::MobilenetV2 => {
-                (Box::new(tch::vision::mobilenet::v2(p, latent_dim)), None)
-            }
+            BackboneKind::Resnet18 => (resnet::trunk(p, Depth::R18), Depth::R18.features()),
+            BackboneKind::Resnet50 => (resnet::trunk(p, Depth::R50), Depth::R50.features()),
+            BackboneKind::MobilenetV2 => (mobilenet::trunk(p), mobilenet::FEATURES),
         };
-        let project =
-            features.map(|f| nn::linear(p / "project", f, latent_dim, Default::default()));
+        let project = linear(p / "project", features, latent_dim);
         Self {
             kind,
             data_channels,
@@ -127,10 +123,6 @@ impl Backbone {
         } else {
             x.shallow_clone()
         };
-        let h = self.trunk.forward_t(&x, train);
-        match &self.project {
-            Some(linear) => h.apply(linear),
-            None => h,
-        }
+        self.trunk.forward_t(&x, train).apply(&self.project)
     }
 }

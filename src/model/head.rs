@@ -7,46 +7,53 @@ use std::cell::RefCell;
 use tch::Tensor;
 use tch::nn;
 
+use super::init::{Conv, ConvInit, conv2d, linear};
+use super::norm::{BatchNorm2d, batch_norm2d};
 use crate::rng::Rng;
 
 #[derive(Debug)]
 struct Block {
     conv: nn::Conv2D,
-    bn: nn::BatchNorm,
+    bn: BatchNorm2d,
 }
 
 #[derive(Debug)]
 pub struct Head {
     blocks: Vec<Block>,
     classifier: nn::Linear,
+    /// Dropout2d probability (`model.head_dropout`; 0 = no dropout).
+    dropout: f64,
     /// Dropout masks come from our own generator, not libtorch's process-wide one: its state
     /// is plain data (resumable) and two runs in one process cannot disturb each other.
     dropout_rng: RefCell<Rng>,
 }
 
+/// The reference's Dropout2d probability: `model.head_dropout`'s default.
 pub const HEAD_DROPOUT: f64 = 0.2;
 
 impl Head {
-    pub fn new(p: &nn::Path, latent_dim: i64, width: i64, classes: i64) -> Self {
+    /// Convs (with bias), BatchNorms and the classifier start as PyTorch's defaults.
+    pub fn new(p: &nn::Path, latent_dim: i64, width: i64, classes: i64, dropout: f64) -> Self {
         let blocks = (0..4)
             .map(|i| {
                 let stride = if i == 0 { 1 } else { 2 };
                 let c_in = if i == 0 { latent_dim } else { width };
-                let cfg = nn::ConvConfig {
-                    stride,
-                    padding: 1,
-                    ..Default::default()
-                };
+                let block = p / format!("block{i}");
                 Block {
-                    conv: nn::conv2d(p / format!("block{i}") / "conv", c_in, width, 3, cfg),
-                    bn: nn::batch_norm2d(p / format!("block{i}") / "bn", width, Default::default()),
+                    conv: conv2d(
+                        &block / "conv",
+                        Conv::new(c_in, width, 3).stride(stride).bias(),
+                        ConvInit::TorchDefault,
+                    ),
+                    bn: batch_norm2d(&block / "bn", width),
                 }
             })
             .collect();
-        let classifier = nn::linear(p / "classifier", width, classes, Default::default());
+        let classifier = linear(p / "classifier", width, classes);
         Self {
             blocks,
             classifier,
+            dropout,
             dropout_rng: RefCell::new(Rng::new(0)),
         }
     }
@@ -60,10 +67,10 @@ impl Head {
     fn channel_dropout(&self, x: &Tensor) -> Tensor {
         let s = x.size();
         let mut rng = self.dropout_rng.borrow_mut();
-        let keep = 1.0 / (1.0 - HEAD_DROPOUT);
+        let keep = 1.0 / (1.0 - self.dropout);
         let mask: Vec<f32> = (0..s[0] * s[1])
             .map(|_| {
-                if rng.unit() < HEAD_DROPOUT {
+                if rng.unit() < self.dropout {
                     0.0
                 } else {
                     keep as f32
@@ -81,14 +88,10 @@ impl Head {
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Tensor {
         let mut x = z.shallow_clone();
         for b in &self.blocks {
-            x = x.apply(&b.conv).relu();
-            // One value per channel (a batch of one image whose grid is down to 1 x 1) has no
-            // variance: training-mode BatchNorm would put NaN into the running variance (the
-            // unbiased estimate divides by n - 1 = 0). Such a batch uses the running statistics.
-            let s = x.size();
-            let bn_train = train && s[0] * s[2] * s[3] > 1;
-            x = x.apply_t(&b.bn, bn_train);
-            if train {
+            // (BatchNorm2d falls back to the running statistics on one value per channel: a
+            // batch of one image whose grid is down to 1 x 1.)
+            x = x.apply(&b.conv).relu().apply_t(&b.bn, train);
+            if train && self.dropout > 0.0 {
                 x = self.channel_dropout(&x);
             }
         }
@@ -105,7 +108,7 @@ mod tests {
     #[test]
     fn a_batch_of_one_image_on_a_tiny_grid_keeps_the_running_statistics_finite() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let head = Head::new(&vs.root(), 4, 8, 2);
+        let head = Head::new(&vs.root(), 4, 8, 2, HEAD_DROPOUT);
         let z = Tensor::arange(16, (tch::Kind::Float, tch::Device::Cpu)).view([1, 4, 2, 2]) / 16.0;
         let _ = head.forward_t(&z, true);
         for (name, t) in vs.variables() {

@@ -3,6 +3,10 @@
 
 pub mod backbone;
 pub mod head;
+pub mod init;
+pub mod mobilenet;
+pub mod norm;
+pub mod resnet;
 
 pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
@@ -31,6 +35,8 @@ pub struct ModelSpec {
     pub latent_dim: i64,
     pub head_width: i64,
     pub classes: i64,
+    /// The head's Dropout2d probability ([`head::HEAD_DROPOUT`] by default).
+    pub head_dropout: f64,
 }
 
 /// One trainable variable as the optimizer sees it.
@@ -73,16 +79,16 @@ impl Model {
                     spec.latent_dim,
                     spec.head_width,
                     spec.classes,
+                    spec.head_dropout,
                 )),
                 None,
             ),
             Method::Gd => (
                 None,
-                Some(nn::linear(
+                Some(init::linear(
                     &root / "classifier",
                     spec.latent_dim,
                     spec.classes,
-                    Default::default(),
                 )),
             ),
         };
@@ -250,5 +256,112 @@ impl Model {
                 },
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What PyTorch (or torchvision) draws a variable from, read off its name and shape alone.
+    enum Expected {
+        Constant(f64),
+        /// U(±bound): std bound/√3, kurtosis 1.8.
+        Uniform(f64),
+        /// N(0, std): kurtosis 3.
+        Normal(f64),
+    }
+
+    /// fan_in and fan_out of a weight, as PyTorch computes them from its shape.
+    fn fans(shape: &[i64]) -> (f64, f64) {
+        let receptive: i64 = shape[2..].iter().product();
+        ((shape[1] * receptive) as f64, (shape[0] * receptive) as f64)
+    }
+
+    fn expected(
+        backbone: BackboneKind,
+        name: &str,
+        shapes: &BTreeMap<String, Vec<i64>>,
+    ) -> Expected {
+        let (owner, kind) = name.rsplit_once('.').unwrap();
+        let is_bn = shapes.contains_key(&format!("{owner}.running_mean"));
+        let torchvision_trunk = name.starts_with("backbone.")
+            && !name.starts_with("backbone.project.")
+            && backbone != BackboneKind::SmallCnn;
+        let weight = &shapes[&format!("{owner}.weight")];
+        match kind {
+            "running_mean" => Expected::Constant(0.0),
+            "running_var" => Expected::Constant(1.0),
+            "weight" | "bias" if is_bn => {
+                Expected::Constant(if kind == "weight" { 1.0 } else { 0.0 })
+            }
+            // torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+            "weight" if torchvision_trunk => Expected::Normal((2.0 / fans(weight).1).sqrt()),
+            // nn.Conv2d and nn.Linear's defaults, weight and bias alike.
+            "weight" | "bias" => Expected::Uniform(1.0 / fans(weight).0.sqrt()),
+            other => panic!("unexpected variable kind '{other}' in {name}"),
+        }
+    }
+
+    fn check_model(spec: ModelSpec) {
+        let model = Model::seeded(spec.clone(), Device::Cpu, 3);
+        let tensors = model.named_tensors();
+        let shapes: BTreeMap<String, Vec<i64>> =
+            tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        for (name, t) in &tensors {
+            let values: Vec<f64> = Vec::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+            let n = values.len() as f64;
+            let mean = values.iter().sum::<f64>() / n;
+            let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let max = values.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let what = format!("{:?} {name} (n = {n})", spec.backbone);
+            let (sigma, kurtosis, bound) = match expected(spec.backbone, name, &shapes) {
+                Expected::Constant(c) => {
+                    assert!(values.iter().all(|v| *v == c), "{what}: not all {c}");
+                    continue;
+                }
+                Expected::Uniform(b) => (b / 3f64.sqrt(), 1.8, Some(b)),
+                Expected::Normal(s) => (s, 3.0, None),
+            };
+            // Six standard errors: a wrong distribution (tch's bound is 2.45x) is far outside.
+            assert!(
+                mean.abs() <= 6.0 * sigma / n.sqrt(),
+                "{what}: mean {mean:.3e}, expected 0 ± {:.1e}",
+                6.0 * sigma / n.sqrt()
+            );
+            if n >= 16.0 {
+                let tolerance = 6.0 * ((kurtosis - 1.0) / (4.0 * n)).sqrt();
+                assert!(
+                    (std / sigma - 1.0).abs() <= tolerance,
+                    "{what}: std {std:.4e}, expected {sigma:.4e} (± {:.1}%)",
+                    tolerance * 100.0
+                );
+            }
+            if let Some(b) = bound {
+                assert!(max <= b * (1.0 + 1e-6), "{what}: |value| {max} beyond {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_layer_starts_from_pytorchs_distribution() {
+        for backbone in [
+            BackboneKind::SmallCnn,
+            BackboneKind::Resnet18,
+            BackboneKind::Resnet50,
+            BackboneKind::MobilenetV2,
+        ] {
+            for method in [Method::Patchgd, Method::Gd] {
+                check_model(ModelSpec {
+                    method,
+                    backbone,
+                    channels: 3,
+                    latent_dim: 64,
+                    head_width: 32,
+                    classes: 10,
+                    head_dropout: head::HEAD_DROPOUT,
+                });
+            }
+        }
     }
 }

@@ -234,6 +234,9 @@ pub struct ModelSection {
     /// Number of classes; omitted = largest label + 1.
     #[serde(default)]
     pub classes: Option<i64>,
+    /// Dropout2d probability after each of the head's blocks (0 turns it off).
+    #[serde(default = "default_head_dropout")]
+    pub head_dropout: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -366,6 +369,9 @@ fn default_latent_dim() -> i64 {
 }
 fn default_head_width() -> i64 {
     256
+}
+fn default_head_dropout() -> f64 {
+    crate::model::head::HEAD_DROPOUT
 }
 fn default_rho() -> f64 {
     0.25
@@ -572,6 +578,15 @@ impl Definition {
         }
         if self.model.head_width < 1 {
             return bad("model.head_width", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.model.head_dropout) {
+            return bad(
+                "model.head_dropout",
+                format!(
+                    "is {}; must be at least 0 and below 1",
+                    self.model.head_dropout
+                ),
+            );
         }
         if let Some(c) = self.model.classes {
             if c < 2 {

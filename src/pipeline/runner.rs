@@ -41,6 +41,8 @@ pub enum RunError {
     Checkpoint(#[from] CheckpointError),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error(transparent)]
+    NonFinite(#[from] crate::train::NonFiniteError),
 }
 
 /// How to run beyond what the pipeline file says.
@@ -366,6 +368,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
         channels: def.source.channels as i64,
         latent_dim: def.model.latent_dim,
         head_width: def.model.head_width,
+        head_dropout: def.model.head_dropout,
         classes,
     };
     let mut trainer = build_trainer(def, spec, device, train_set.len())?;
@@ -460,6 +463,7 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
             _ => (0, PassOutcome::default()),
         };
         progress.start(format!("epoch {epoch}/{}", def.train.epochs), 0);
+        trainer.epoch = epoch;
         let rx = stream_images(
             images.clone(),
             order[skip..].to_vec(),

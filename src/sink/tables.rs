@@ -32,11 +32,15 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
+/// Metrics per epoch. A value that does not exist (the validation loss of a run without
+/// validation images) is null, never NaN: training stops on any value that is not finite.
 pub fn metrics_batch(rows: &[EpochMetrics]) -> RecordBatch {
     let f = |name: &str, get: &dyn Fn(&EpochMetrics) -> f64| -> (Field, ArrayRef) {
         (
-            Field::new(name, DataType::Float64, false),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(get))),
+            Field::new(name, DataType::Float64, true),
+            Arc::new(Float64Array::from_iter(
+                rows.iter().map(|r| Some(get(r)).filter(|v| v.is_finite())),
+            )),
         )
     };
     let u = |name: &str, get: &dyn Fn(&EpochMetrics) -> u64| -> (Field, ArrayRef) {

@@ -28,10 +28,8 @@ pub struct GridBatch {
     pub labels: Tensor,
     pub rows: i64,
     pub cols: i64,
-    /// B x K x 1, 1 where a cell's patch is present; `None` when all are. Absent cells (the
-    /// foreground filter dropped them) are never encoded and stay zero in Z.
-    pub mask: Option<Tensor>,
-    /// The mask on the host (B x K), for choosing which cells to read.
+    /// B x K, image-major: whether a cell's patch is present; `None` when all are. Absent
+    /// cells (the foreground filter dropped them) are never encoded and stay zero in Z.
     present: Option<Vec<bool>>,
     b: i64,
     channels: i64,
@@ -93,16 +91,11 @@ impl GridBatch {
                 .flat_map(|im| im.present.iter().copied())
                 .collect::<Vec<bool>>()
         });
-        let mask = present.as_ref().map(|p| {
-            let m: Vec<f32> = p.iter().map(|&x| x as u8 as f32).collect();
-            upload(Tensor::from_slice(&m).view([b as i64, k as i64, 1]), device)
-        });
         Self {
             pixels,
             labels: upload(Tensor::from_slice(&labels), device),
             rows: first.grid_rows as i64,
             cols: first.grid_cols as i64,
-            mask,
             present,
             b: b as i64,
             channels: c as i64,
@@ -111,23 +104,24 @@ impl GridBatch {
         }
     }
 
-    /// A batch of already-normalised input, B x K x c x m x m (with gradient, if it has one).
+    /// A batch of already-normalised input, B x K x c x m x m (with gradient, if it has one);
+    /// `present` (B x K, image-major) marks the cells that have a patch, `None`: all do.
     pub fn from_input(
         input: Tensor,
         labels: Tensor,
         rows: i64,
         cols: i64,
-        mask: Option<Tensor>,
+        present: Option<Vec<bool>>,
     ) -> Self {
         let size = input.size();
         assert_eq!(size[1], rows * cols, "K = rows x cols");
-        let present = mask.as_ref().map(|m| {
-            Vec::<f32>::try_from(m.to_device(Device::Cpu).view([-1]))
-                .expect("mask to Vec")
-                .iter()
-                .map(|&x| x > 0.5)
-                .collect()
-        });
+        if let Some(p) = &present {
+            assert_eq!(
+                p.len() as i64,
+                size[0] * size[1],
+                "one flag per cell of every image"
+            );
+        }
         Self {
             device: input.device(),
             b: size[0],
@@ -137,7 +131,6 @@ impl GridBatch {
             labels,
             rows,
             cols,
-            mask,
             present,
         }
     }
@@ -196,19 +189,28 @@ impl GridBatch {
 
     /// The patches at `cells` of every image, image-major: (B * n) x c x m x m.
     pub fn cells_of_all(&self, cells: &[i64]) -> Tensor {
+        self.patches(&self.flat_cells(cells))
+    }
+
+    /// Flat indices (image * K + cell) of `cells` in every image, image-major: the order in
+    /// which an inner iteration, and the fill pass of a training step, encode them.
+    pub fn flat_cells(&self, cells: &[i64]) -> Vec<i64> {
         let k = self.cells();
-        let flat: Vec<i64> = (0..self.b)
+        (0..self.b)
             .flat_map(|i| cells.iter().map(move |&c| i * k + c))
-            .collect();
-        self.patches(&flat)
+            .collect()
+    }
+
+    /// Whether the cell at flat index `flat` has a patch.
+    pub fn is_present(&self, flat: i64) -> bool {
+        self.present.as_ref().is_none_or(|p| p[flat as usize])
     }
 
     /// Flat indices of the present cells (all when there is no mask).
     pub fn present_flat(&self) -> Vec<i64> {
-        match &self.present {
-            Some(p) => (0..p.len() as i64).filter(|&i| p[i as usize]).collect(),
-            None => (0..self.b * self.cells()).collect(),
-        }
+        (0..self.b * self.cells())
+            .filter(|&i| self.is_present(i))
+            .collect()
     }
 
     pub fn device(&self) -> Device {

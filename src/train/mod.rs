@@ -11,4 +11,6 @@ pub mod trainer;
 
 pub use precision::{LossScaler, Precision};
 pub use schedule::{Accumulation, LrSchedule, StepPlan, plan_outer_step};
-pub use trainer::{PassOutcome, Phase, Prediction, Trainer, TrainerConfig};
+pub use trainer::{
+    NonFiniteError, PassOutcome, Phase, Prediction, TrainedBatch, Trainer, TrainerConfig,
+};

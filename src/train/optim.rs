@@ -6,6 +6,37 @@ use tch::{Kind, Tensor};
 use super::precision::LossScaler;
 use crate::model::Param;
 
+/// A value that must be finite was not: what it was (`loss`, `gradient of 'NAME'`, a variable).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not finite")]
+pub struct NonFinite(pub String);
+
+/// Sees the parameters just before each update, their gradients in place (already unscaled
+/// under loss scaling): how a test or a diagnostic reads the gradients a step uses.
+pub type StepObserver = Box<dyn FnMut(&[Param])>;
+
+/// Whether every tensor is finite, in one read (a read per tensor would wait for the GPU each
+/// time); `Err(index)` of the first that is not.
+pub fn all_finite(tensors: &[Tensor]) -> Result<(), usize> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let flags = tch::no_grad(|| {
+        Tensor::stack(
+            &tensors
+                .iter()
+                .map(|t| t.isfinite().all())
+                .collect::<Vec<_>>(),
+            0,
+        )
+    });
+    if flags.all().int64_value(&[]) != 0 {
+        return Ok(());
+    }
+    let flags: Vec<bool> = Vec::try_from(flags.to_device(tch::Device::Cpu)).expect("flags");
+    Err(flags.iter().position(|f| !f).unwrap_or(0))
+}
+
 pub struct Adam {
     params: Vec<Param>,
     m: Vec<Tensor>,
@@ -18,6 +49,7 @@ pub struct Adam {
     pub weight_decay: f64,
     /// Mixed precision: gradients arrive multiplied by the scale (see [`Adam::loss_scale`]).
     pub scaler: Option<LossScaler>,
+    observer: Option<StepObserver>,
 }
 
 impl Adam {
@@ -35,7 +67,13 @@ impl Adam {
             eps: 1e-8,
             weight_decay,
             scaler: None,
+            observer: None,
         }
+    }
+
+    /// Call `f` before every update with the parameters and their gradients.
+    pub fn observe(&mut self, f: impl FnMut(&[Param]) + 'static) {
+        self.observer = Some(Box::new(f));
     }
 
     /// What the loss must be multiplied by before `backward` (1 without loss scaling).
@@ -56,21 +94,27 @@ impl Adam {
 
     /// One Adam step at learning rate `lr` for every parameter that has a gradient. With loss
     /// scaling, the gradients are unscaled first and a step whose gradients are not finite is
-    /// skipped (returns false; the step count does not move).
-    pub fn step(&mut self, lr: f64) -> bool {
+    /// skipped (returns `Ok(false)`; the step count does not move). Without it, a gradient that
+    /// is not finite is an error, and no weight changes.
+    pub fn step(&mut self, lr: f64) -> Result<bool, NonFinite> {
+        let (names, grads): (Vec<&str>, Vec<Tensor>) = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), Self::grad(p)))
+            .filter(|(_, g)| g.defined())
+            .unzip();
         if let Some(mut scaler) = self.scaler.take() {
-            let grads: Vec<Tensor> = self
-                .params
-                .iter()
-                .map(Self::grad)
-                .filter(|g| g.defined())
-                .collect();
             let finite = scaler.unscale(&grads);
             scaler.update(finite);
             self.scaler = Some(scaler);
             if !finite {
-                return false;
+                return Ok(false);
             }
+        } else if let Err(i) = all_finite(&grads) {
+            return Err(NonFinite(format!("the gradient of '{}'", names[i])));
+        }
+        if let Some(observe) = &mut self.observer {
+            observe(&self.params);
         }
         self.steps += 1;
         let t = self.steps as f64;
@@ -103,7 +147,7 @@ impl Adam {
                 }
             }
         });
-        true
+        Ok(true)
     }
 
     /// Restore the moments (as written by [`Adam::state`]) and the step count.
@@ -163,7 +207,7 @@ mod tests {
         let mut opt = Adam::new(vec![param("a", &a), param("b", &b)], 0.0);
         opt.zero_grad();
         (&a * &a).sum(tch::Kind::Float).backward();
-        opt.step(0.1);
+        assert_eq!(opt.step(0.1), Ok(true));
         // The first Adam step moves each coordinate by lr * sign(g) (up to eps).
         let after: Vec<f32> = Vec::try_from(a.detach()).unwrap();
         assert!(
@@ -172,5 +216,23 @@ mod tests {
         );
         assert_eq!(Vec::<f32>::try_from(b.detach()).unwrap(), vec![5.0]);
         assert_eq!(opt.steps, 1);
+    }
+
+    #[test]
+    fn a_non_finite_gradient_is_an_error_that_names_the_parameter_and_changes_nothing() {
+        let a = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
+        let param = |name: &str, t: &Tensor| Param {
+            name: name.into(),
+            master: t.shallow_clone(),
+            compute: None,
+        };
+        let mut opt = Adam::new(vec![param("a", &a), param("b", &b)], 0.0);
+        opt.zero_grad();
+        ((&a * 2.0).sum(tch::Kind::Float) + (&b * f64::INFINITY).sum(tch::Kind::Float)).backward();
+        let err = opt.step(0.1).unwrap_err();
+        assert_eq!(err.to_string(), "the gradient of 'b' is not finite");
+        assert_eq!(Vec::<f32>::try_from(a.detach()).unwrap(), vec![1.0, -2.0]);
+        assert_eq!(opt.steps, 0);
     }
 }

@@ -8,7 +8,7 @@
 use tch::{Kind, Tensor};
 
 pub use super::batch::GridBatch;
-use super::optim::Adam;
+use super::optim::{Adam, NonFinite};
 use super::schedule::StepPlan;
 use crate::model::Model;
 
@@ -37,27 +37,44 @@ pub struct Reuse {
 }
 
 /// Encode every present patch with no gradient: B x K x D, no autograd graph; absent cells
-/// (mask 0) are zero and cost nothing, reused cells come from `reuse`. `chunk` bounds how many
-/// patches go through the backbone at once. BatchNorm follows `train` (METHOD.md keeps the
-/// backbone in training mode during the fill of a training step). Returns Z and the number of
+/// are zero and cost nothing, reused cells come from `reuse`. Returns Z and the number of
 /// patches encoded.
+///
+/// `groups` says which patches go through the backbone together. A training step passes its
+/// plan's chunks: each chunk's cells of every image, image-major, exactly the batch that the
+/// chunk's inner iteration encodes with gradient. Training-mode BatchNorm (METHOD.md keeps the
+/// backbone in training mode during the fill) then normalises every patch with the same batch
+/// statistics in the fill as in its gradient pass, and the running statistics see batches of
+/// n·B patches throughout, as in PyTorch's PatchGD. `None` encodes the cells in order
+/// (inference: eval mode, where grouping changes nothing). `chunk` caps the patches per
+/// backbone call (a group larger than it is split).
 pub fn fill(
     model: &Model,
     batch: &GridBatch,
     chunk: i64,
     train: bool,
     reuse: Option<&Reuse>,
+    groups: Option<&[Vec<i64>]>,
 ) -> (Tensor, i64) {
     let (b, k) = (batch.batch_size(), batch.cells());
     let device = batch.device();
-    let mut need = batch.present_flat();
-    if let Some(r) = reuse {
-        need.retain(|&i| r.compute[i as usize]);
-    }
-    let every_cell = need.len() as i64 == b * k && reuse.is_none();
+    let needed = |f: &i64| batch.is_present(*f) && reuse.is_none_or(|r| r.compute[*f as usize]);
+    let groups: Vec<Vec<i64>> = match groups {
+        Some(groups) => groups
+            .iter()
+            .map(|cells| batch.flat_cells(cells).into_iter().filter(needed).collect())
+            .collect(),
+        None => vec![(0..b * k).filter(needed).collect()],
+    };
+    let calls: Vec<&[i64]> = groups
+        .iter()
+        .flat_map(|g| g.chunks(chunk.max(1) as usize))
+        .collect();
+    let need: Vec<i64> = calls.concat();
+    let in_order = need.len() as i64 == b * k && need.iter().zip(0..).all(|(&f, i)| f == i);
     tch::no_grad(|| {
-        let outs: Vec<Tensor> = need
-            .chunks(chunk.max(1) as usize)
+        let outs: Vec<Tensor> = calls
+            .iter()
             .map(|cells| model.encode(&batch.patches(cells), train))
             .collect();
         let d = model.spec.latent_dim;
@@ -65,7 +82,7 @@ pub fn fill(
             Some(r) => r.z.view([b * k, d]).to_device(device).to_kind(Kind::Float),
             None => Tensor::zeros([b * k, d], (Kind::Float, device)),
         };
-        let z = if every_cell {
+        let z = if in_order {
             Tensor::cat(&outs, 0)
         } else if outs.is_empty() {
             base()
@@ -77,39 +94,49 @@ pub fn fill(
     })
 }
 
-/// B x K x D -> B x D x rows x cols.
+/// B x K x D -> B x D x rows x cols, contiguous: the layout a PyTorch user's Z has. (A permuted
+/// view is channels-last in memory, which sends the head's convolutions to other kernels: the
+/// same values to float rounding, but rounding that grows through deep backbones' backward
+/// passes. Contiguous, patchgd's step is bit-identical to the PyTorch twin's: tests/it/twin.rs.)
 pub fn grid_view(z: &Tensor, rows: i64, cols: i64) -> Tensor {
     let size = z.size();
-    z.view([size[0], rows, cols, size[2]]).permute([0, 3, 1, 2])
+    z.view([size[0], rows, cols, size[2]])
+        .permute([0, 3, 1, 2])
+        .contiguous()
 }
 
-/// One inner iteration's forward pass: encode the patches at `cells` with gradient and write
-/// them into a detached copy of `z`. Returns (new Z with the fresh cells carrying gradient,
-/// head logits).
+/// One inner iteration's forward pass: encode the present patches at `cells` of every image
+/// (image-major) with gradient and write them into a detached copy of `z`. Returns (new Z with
+/// the fresh cells carrying gradient, head logits, patches encoded).
 pub fn inner_forward(
     model: &Model,
     batch: &GridBatch,
     z: &Tensor,
     cells: &[i64],
-) -> (Tensor, Tensor) {
-    let device = model.device();
-    let b = batch.batch_size();
-    let idx = Tensor::from_slice(cells).to_device(device);
-    let n = cells.len() as i64;
-    let fresh = model.encode(&batch.cells_of_all(cells), true);
-    let d = fresh.size()[1];
-    let mut fresh = fresh.view([b, n, d]);
-    if let Some(mask) = &batch.mask {
-        // Absent cells stay zero (their encoding of a blank patch is discarded).
-        fresh = fresh * mask.index_select(1, &idx);
+) -> (Tensor, Tensor, usize) {
+    let (b, k) = (batch.batch_size(), batch.cells());
+    let d = model.spec.latent_dim;
+    let flat: Vec<i64> = batch
+        .flat_cells(cells)
+        .into_iter()
+        .filter(|&f| batch.is_present(f))
+        .collect();
+    let z_flat = z.detach().view([b * k, d]);
+    let z_new = if flat.is_empty() {
+        z_flat
+    } else {
+        let fresh = model.encode(&batch.patches(&flat), true);
+        let idx = Tensor::from_slice(&flat).to_device(model.device());
+        z_flat.index_copy(0, &idx, &fresh)
     }
-    let z_new = z.detach().index_copy(1, &idx, &fresh);
+    .view([b, k, d]);
     let logits = model.classify_grid(&grid_view(&z_new, batch.rows, batch.cols), true);
-    (z_new, logits)
+    (z_new, logits, flat.len())
 }
 
 /// One outer step at learning rate `lr`. With `reuse`, the fill pass takes those cells from the
-/// latent store (`reuse_steps`: their writer steps, B x K) instead of encoding them.
+/// latent store (`reuse_steps`: their writer steps, B x K) instead of encoding them. A loss or
+/// gradient that is not finite stops the step with an error before any weight changes.
 pub fn outer_step(
     model: &Model,
     opt: &mut Adam,
@@ -118,10 +145,17 @@ pub fn outer_step(
     plan: &StepPlan,
     fill_chunk: i64,
     reuse: Option<(&Reuse, &[u64])>,
-) -> StepOutcome {
+) -> Result<StepOutcome, NonFinite> {
     let b = batch.batch_size();
     let k = batch.cells();
-    let (mut z, encoded) = fill(model, batch, fill_chunk, true, reuse.map(|r| r.0));
+    let (mut z, encoded) = fill(
+        model,
+        batch,
+        fill_chunk,
+        true,
+        reuse.map(|r| r.0),
+        Some(&plan.chunks),
+    );
     let mut patch_passes = encoded as usize;
     let now = opt.steps as u64;
     let mut cell_steps: Vec<u64> = match reuse {
@@ -144,15 +178,15 @@ pub fn outer_step(
                 cell_steps[image * k as usize + c as usize] = step;
             }
         }
-        let (z_new, logits) = inner_forward(model, batch, &z, cells);
+        let (z_new, logits, encoded) = inner_forward(model, batch, &z, cells);
         let loss = logits.cross_entropy_for_logits(&batch.labels);
         // Summed on the device and read once per step: a read per iteration would make the
         // host wait for the GPU at every inner iteration.
         loss_sum += loss.detach();
         (loss * (opt.loss_scale() / plan.group_size[j] as f64)).backward();
-        patch_passes += (b as usize) * cells.len();
+        patch_passes += encoded;
         if plan.step_after[j] {
-            if opt.step(lr) {
+            if opt.step(lr)? {
                 steps += 1;
             }
             opt.zero_grad();
@@ -160,20 +194,25 @@ pub fn outer_step(
         z = z_new.detach();
         last_logits = Some(logits.detach());
     }
-    StepOutcome {
-        loss: loss_sum.double_value(&[]) / plan.chunks.len() as f64,
+    let loss = loss_sum.double_value(&[]) / plan.chunks.len() as f64;
+    // Under loss scaling, a loss that overflowed made the scaler skip the step: its one exception.
+    if !loss.is_finite() && opt.scaler.is_none() {
+        return Err(NonFinite("the loss".into()));
+    }
+    Ok(StepOutcome {
+        loss,
         logits: last_logits.expect("a plan has at least one chunk"),
         optimizer_steps: steps,
         patch_passes,
         z,
         cell_steps,
-    }
+    })
 }
 
 /// Inference: fill Z with every patch (eval mode, no gradient), one head pass. Returns the
 /// logits and Z.
 pub fn predict(model: &Model, batch: &GridBatch, fill_chunk: i64) -> (Tensor, Tensor) {
-    let (z, _) = fill(model, batch, fill_chunk, false, None);
+    let (z, _) = fill(model, batch, fill_chunk, false, None, None);
     let logits =
         tch::no_grad(|| model.classify_grid(&grid_view(&z, batch.rows, batch.cols), false));
     (logits, z)

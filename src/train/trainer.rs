@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
 use super::gd::{gd_predict, gd_step};
-use super::optim::Adam;
+use super::optim::{Adam, NonFinite};
 use super::patchgd::{GridBatch, Reuse, correct, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
 use crate::model::{Method, Model};
@@ -36,6 +36,41 @@ pub struct TrainerConfig {
     pub spool: SpoolPolicy,
 }
 
+/// Training stopped because a loss, gradient, weight or BatchNorm statistic (or, in
+/// evaluation, a prediction) was not finite: where, and on which images.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error(
+    "{what} in epoch {epoch}, {}, on a batch of {} images ({}); the run stops so that no NaN \
+     reaches a model file, checkpoint or metric (a lower train.lr is the usual cure)",
+    match phase {
+        Phase::Train => format!("training step {step}"),
+        Phase::Evaluate => format!("evaluating after training step {step}"),
+    },
+    images.len(),
+    images.join(", ")
+)]
+pub struct NonFiniteError {
+    pub what: String,
+    pub epoch: u64,
+    pub phase: Phase,
+    /// The run's training step (1-based) being taken; in evaluation, the last one taken.
+    pub step: u64,
+    pub images: Vec<String>,
+}
+
+/// What one training mini-batch did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainedBatch {
+    /// Cross-entropy summed over the batch's images.
+    pub loss_sum: f64,
+    /// Images whose loss is in `loss_sum`: all, unless the f16 loss scaler skipped the step
+    /// because the loss overflowed (then none).
+    pub loss_images: usize,
+    pub correct: i64,
+    pub patch_passes: usize,
+    pub optimizer_steps: usize,
+}
+
 pub struct Trainer {
     pub model: Model,
     pub optimizer: Adam,
@@ -49,6 +84,8 @@ pub struct Trainer {
     pub reused_cells: u64,
     /// Assembled images whose patches went to a spool file.
     pub spooled_images: u64,
+    /// The epoch in progress (1-based; set by the caller, named in errors).
+    pub epoch: u64,
 }
 
 /// One prediction of an evaluation pass.
@@ -68,17 +105,22 @@ pub struct PassOutcome {
     pub correct: i64,
     pub patch_passes: usize,
     pub optimizer_steps: usize,
+    /// Images left out of the loss average: their f16 step overflowed and was skipped.
+    #[serde(default)]
+    pub loss_skipped: usize,
     pub failures: Vec<Failure>,
     pub predictions: Vec<Prediction>,
     pub seconds: f64,
 }
 
 impl PassOutcome {
+    /// Mean loss; NaN when no image has one (no images: metrics record it as null).
     pub fn loss(&self) -> f64 {
-        if self.images == 0 {
+        let n = self.images - self.loss_skipped;
+        if n == 0 {
             f64::NAN
         } else {
-            self.loss_sum / self.images as f64
+            self.loss_sum / n as f64
         }
     }
     pub fn accuracy(&self) -> f64 {
@@ -109,7 +151,26 @@ impl Trainer {
             latents,
             reused_cells: 0,
             spooled_images: 0,
+            epoch: 1,
         }
+    }
+
+    /// The error for a value that was not finite on `images`.
+    fn non_finite(&self, what: NonFinite, phase: Phase, images: &[ImagePatches]) -> NonFiniteError {
+        NonFiniteError {
+            what: what.to_string(),
+            epoch: self.epoch,
+            phase,
+            step: self.outer_steps + (phase == Phase::Train) as u64,
+            images: images.iter().map(|im| im.key.image_id.clone()).collect(),
+        }
+    }
+
+    /// The first weight or BatchNorm statistic that is not finite, if any (one read for all).
+    fn check_weights(&self) -> Result<(), NonFinite> {
+        let vars = self.model.named_tensors();
+        let tensors: Vec<Tensor> = vars.iter().map(|(_, t)| t.shallow_clone()).collect();
+        super::optim::all_finite(&tensors).map_err(|i| NonFinite(format!("'{}'", vars[i].0)))
     }
 
     /// The patch-permutation RNG's state (for checkpoints).
@@ -205,8 +266,9 @@ impl Trainer {
         GridBatch::from_images(images, self.device())
     }
 
-    /// One training step on a mini-batch. Returns (summed loss over images, correct, passes, steps).
-    pub fn train_batch(&mut self, images: &[ImagePatches]) -> (f64, i64, usize, usize) {
+    /// One training step on a mini-batch. A loss, gradient, weight or BatchNorm statistic that
+    /// is not finite afterwards is an error (the f16 loss scaler's skipped steps excepted).
+    pub fn train_batch(&mut self, images: &[ImagePatches]) -> Result<TrainedBatch, NonFiniteError> {
         let batch = self.to_batch(images);
         self.train_on(images, &batch)
     }
@@ -217,7 +279,7 @@ impl Trainer {
         &mut self,
         images: &[ImagePatches],
         batch: &GridBatch,
-    ) -> (f64, i64, usize, usize) {
+    ) -> Result<TrainedBatch, NonFiniteError> {
         // Dropout masks start from (seed, step): a resumed run draws exactly what the
         // original did, with no generator state to save.
         self.model.reseed_dropout(Rng::derive(
@@ -243,7 +305,8 @@ impl Trainer {
                     &plan,
                     self.config.fill_chunk,
                     reuse.as_ref().map(|(r, s)| (r, s.as_slice())),
-                );
+                )
+                .map_err(|e| self.non_finite(e, Phase::Train, images))?;
                 self.store_latents(images, &outcome.z, &outcome.cell_steps);
                 (
                     outcome.loss,
@@ -253,23 +316,37 @@ impl Trainer {
                 )
             }
             Method::Gd => {
-                let o = gd_step(&self.model, &mut self.optimizer, lr, batch);
+                let o = gd_step(&self.model, &mut self.optimizer, lr, batch)
+                    .map_err(|e| self.non_finite(e, Phase::Train, images))?;
                 (o.loss, o.logits, o.patch_passes, o.optimizer_steps)
             }
         };
         let (loss, logits, patch_passes, optimizer_steps) = outcome;
+        // BatchNorm statistics move in forward passes, weights in the update: both are checked
+        // before the step counts (so no checkpoint ever holds a NaN).
+        self.check_weights()
+            .map_err(|e| self.non_finite(e, Phase::Train, images))?;
         self.outer_steps += 1;
-        let n = images.len() as f64;
-        (
-            loss * n,
-            correct(&logits, &batch.labels),
+        let counted = loss.is_finite();
+        Ok(TrainedBatch {
+            loss_sum: if counted {
+                loss * images.len() as f64
+            } else {
+                0.0
+            },
+            loss_images: if counted { images.len() } else { 0 },
+            correct: correct(&logits, &batch.labels),
             patch_passes,
             optimizer_steps,
-        )
+        })
     }
 
-    /// Inference on a mini-batch: (summed loss, predictions, patch passes).
-    pub fn predict_batch(&mut self, images: &[ImagePatches]) -> (f64, Vec<Prediction>, usize) {
+    /// Inference on a mini-batch: (summed loss, predictions, patch passes). Logits that are not
+    /// finite are an error.
+    pub fn predict_batch(
+        &mut self,
+        images: &[ImagePatches],
+    ) -> Result<(f64, Vec<Prediction>, usize), NonFiniteError> {
         let batch = self.to_batch(images);
         let logits = match self.model.spec.method {
             Method::Patchgd => {
@@ -281,6 +358,9 @@ impl Trainer {
             }
             Method::Gd => gd_predict(&self.model, &batch),
         };
+        super::optim::all_finite(std::slice::from_ref(&logits)).map_err(|_| {
+            self.non_finite(NonFinite("a prediction".into()), Phase::Evaluate, images)
+        })?;
         let loss = tch::no_grad(|| {
             logits
                 .cross_entropy_for_logits(&batch.labels)
@@ -306,19 +386,20 @@ impl Trainer {
                 }
             })
             .collect();
-        (
+        Ok((
             loss * images.len() as f64,
             predictions,
             batch.present_cells() as usize,
-        )
+        ))
     }
 
     /// Consume a patch stream to its end: train on it or evaluate it, continuing `start` (the
     /// outcome so far of a pass resumed from a checkpoint; default for a new pass). `progress`
     /// is called with the number of images accounted for so far (used + failed). In training,
     /// `at_step` is called at every outer-step boundary where no image is half-consumed: every
-    /// image before it is in `out` (used or failed), none after it has started.
-    pub fn run_pass<E>(
+    /// image before it is in `out` (used or failed), none after it has started. A value that is
+    /// not finite stops the pass with [`NonFiniteError`].
+    pub fn run_pass<E: From<NonFiniteError>>(
         &mut self,
         phase: Phase,
         mut rx: mpsc::Receiver<SourceItem>,
@@ -340,14 +421,15 @@ impl Trainer {
             }
             match phase {
                 Phase::Train => {
-                    let (loss, right, passes, steps) = trainer.train_batch(pending);
-                    out.loss_sum += loss;
-                    out.correct += right;
-                    out.patch_passes += passes;
-                    out.optimizer_steps += steps;
+                    let done = trainer.train_batch(pending)?;
+                    out.loss_sum += done.loss_sum;
+                    out.loss_skipped += pending.len() - done.loss_images;
+                    out.correct += done.correct;
+                    out.patch_passes += done.patch_passes;
+                    out.optimizer_steps += done.optimizer_steps;
                 }
                 Phase::Evaluate => {
-                    let (loss, preds, passes) = trainer.predict_batch(pending);
+                    let (loss, preds, passes) = trainer.predict_batch(pending)?;
                     out.loss_sum += loss;
                     out.correct += preds.iter().filter(|p| p.predicted == p.label).count() as i64;
                     out.patch_passes += passes;

@@ -20,6 +20,7 @@ fn model(classes: i64) -> Model {
             channels: 1,
             latent_dim: 8,
             head_width: 8,
+            head_dropout: patchgd::model::head::HEAD_DROPOUT,
             classes,
         },
         Device::Cpu,
@@ -74,7 +75,7 @@ fn z_cell_r_c_holds_patch_r_c() {
     let img = image(2, 3, 0, 1);
     let batch = GridBatch::from_images(&[img], Device::Cpu);
     // eval mode: each patch's vector does not depend on the others in its chunk.
-    let z = grid_view(&fill(&m, &batch, 4, false, None).0, 2, 3);
+    let z = grid_view(&fill(&m, &batch, 4, false, None, None).0, 2, 3);
     assert_eq!(z.size(), vec![1, 8, 2, 3]);
     for r in 0..2 {
         for c in 0..3 {
@@ -101,10 +102,10 @@ fn one_inner_step_gives_backbone_and_head_gradients_and_only_sampled_patches_car
     let patches = batch.input().detach().set_requires_grad(true);
     let labels = batch.labels.shallow_clone();
     let batch = GridBatch::from_input(patches.shallow_clone(), labels, 3, 3, None);
-    let z = fill(&m, &batch, 5, true, None).0;
+    let z = fill(&m, &batch, 5, true, None, None).0;
     assert!(!z.requires_grad(), "the fill pass must build no graph");
     let sampled = [0i64, 4, 8];
-    let (_, logits) = inner_forward(&m, &batch, &z, &sampled);
+    let (_, logits, _) = inner_forward(&m, &batch, &z, &sampled);
     logits.cross_entropy_for_logits(&batch.labels).backward();
     for p in m.trainable() {
         let g = p.master.grad();
@@ -152,7 +153,7 @@ fn optimizer_steps_once_per_outer_step_with_epsilon_zeta_and_every_chunk_with_on
         let mut opt = Adam::new(m.trainable(), 0.0);
         let plan = plan_outer_step(16, 0.25, acc, &mut Rng::new(1));
         let before = weights(&m);
-        let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None);
+        let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None).unwrap();
         assert_eq!(
             (out.optimizer_steps, opt.steps),
             (expected, expected as i64),
@@ -176,7 +177,7 @@ fn optimizer_still_steps_when_fewer_chunks_than_zeta() {
     let plan = plan_outer_step(4, 0.3, Accumulation::Zeta, &mut Rng::new(2));
     assert_eq!(plan.chunks.len(), 2);
     let before = weights(&m);
-    let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None);
+    let out = outer_step(&m, &mut opt, 1e-2, &batch, &plan, 8, None).unwrap();
     assert_eq!(out.optimizer_steps, 1);
     assert!(
         !weights(&m).allclose(&before, 0.0, 0.0, false),
@@ -200,6 +201,7 @@ fn every_backbone_maps_grey_or_rgb_patches_to_d_vectors() {
                 channels,
                 latent_dim: 12,
                 head_width: 8,
+                head_dropout: patchgd::model::head::HEAD_DROPOUT,
                 classes: 3,
             };
             let m = Model::new(spec, Device::Cpu);
@@ -232,7 +234,7 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
     let batch = GridBatch::from_images(&[a, b], Device::Cpu);
     assert_eq!(batch.present_cells(), 10);
     let m = model(2);
-    let z = fill(&m, &batch, 3, false, None).0;
+    let z = fill(&m, &batch, 3, false, None, None).0;
     let norms = z.abs().sum_dim_intlist(-1, false, Kind::Float);
     for cell in 0..6 {
         let zero = norms.double_value(&[0, cell]) == 0.0;
@@ -241,10 +243,12 @@ fn cells_dropped_by_the_foreground_filter_are_not_encoded_and_stay_zero_in_z() {
     }
     // The full-batch fill agrees with the masked one on present cells.
     let unmasked = GridBatch::from_input(batch.input(), batch.labels.shallow_clone(), 2, 3, None);
-    let all = fill(&m, &unmasked, 3, false, None).0;
+    let all = fill(&m, &unmasked, 3, false, None, None).0;
     assert!(all.get(1).allclose(&z.get(1), 1e-5, 1e-6, false));
     // An inner iteration that samples absent cells leaves them zero.
-    let (z_new, _) = inner_forward(&m, &batch, &z, &[1, 2, 4]);
+    let (z_new, _, encoded) = inner_forward(&m, &batch, &z, &[1, 2, 4]);
+    // Absent cells are not encoded: 1 of image 0's, all 3 of image 1's.
+    assert_eq!(encoded, 4);
     let norms = z_new.abs().sum_dim_intlist(-1, false, Kind::Float);
     assert_eq!(norms.double_value(&[0, 1]), 0.0);
     assert_eq!(norms.double_value(&[0, 4]), 0.0);
@@ -344,7 +348,7 @@ fn bf16_computes_in_bf16_within_rounding_of_f32_and_steps_fp32_masters() {
     let moved = ph.iter().position(|p| p.compute.is_some()).unwrap();
     let before = ph[moved].master.copy();
     let mut opt = Adam::new(half.trainable(), 0.0);
-    assert!(opt.step(1e-3));
+    assert_eq!(opt.step(1e-3), Ok(true));
     for p in half.trainable() {
         if let Some(compute) = &p.compute {
             assert!(

@@ -194,3 +194,128 @@ fn bf16_training_tracks_f32_and_saves_f32_weights() {
         );
     }
 }
+
+/// Every f32 of a safetensors file's tensors (all are F32 here).
+fn safetensors_values(bytes: &[u8]) -> Vec<(String, Vec<f32>)> {
+    let header = safetensors_header(bytes);
+    let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, entry)| {
+            let offsets = &entry["data_offsets"];
+            let (a, b) = (
+                offsets[0].as_u64().unwrap() as usize,
+                offsets[1].as_u64().unwrap() as usize,
+            );
+            let values = bytes[start + a..start + b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name.clone(), values)
+        })
+        .collect()
+}
+
+#[test]
+fn a_one_cell_image_alone_in_its_batch_leaves_every_batchnorm_finite() {
+    // Found with odd inputs: a 16 x 16 px training image with 16 px patches is a one-cell grid,
+    // and alone in its mini-batch (images of another grid shape never share one) the backbone's
+    // last block sees one value per channel. Training-mode BatchNorm then wrote NaN into
+    // `backbone.block4.bn.running_var`, and every later prediction was NaN.
+    let root = memory_url("training-one-cell");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 64, 14, 16, 8, 12));
+    let loc = Location::parse(&root).unwrap();
+    let tiny: Vec<u8> = (0..256).map(|i| (i * 7 % 200) as u8).collect();
+    rt.block_on(async {
+        loc.put(
+            "images/train/tiny.png",
+            patchgd::source::decode::encode_png(16, 16, 1, &tiny),
+        )
+        .await
+        .unwrap();
+        let mut csv =
+            String::from_utf8(loc.get_relative("labels.csv").await.unwrap().to_vec()).unwrap();
+        csv.push_str("train/tiny,1,train\n");
+        loc.put("labels.csv", csv).await.unwrap();
+    });
+    let out = format!("{root}/out");
+    let def = Definition::from_yaml(
+        &pipeline_yaml(&images, &labels, &out, 16, 2, ""),
+        "one-cell.yaml",
+    )
+    .unwrap();
+    let summary = run(&def, false).unwrap();
+    assert_eq!(summary.images_used, 25);
+    assert!(
+        summary.final_val_loss.is_finite(),
+        "{}",
+        summary.final_val_loss
+    );
+    let out = Location::parse(&out).unwrap();
+    let weights = rt.block_on(out.get_relative("model.safetensors")).unwrap();
+    for (name, values) in safetensors_values(&weights) {
+        assert!(values.iter().all(|v| v.is_finite()), "{name} is not finite");
+    }
+}
+
+#[test]
+fn a_run_that_diverges_stops_with_an_error_naming_where_and_writes_no_nan() {
+    let root = memory_url("training-diverge");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 64, 14, 32, 8, 13));
+    let out = format!("{root}/out");
+    // A learning rate no one means: the weights explode within a few steps.
+    let def = Definition::from_yaml_with_overrides(
+        &pipeline_yaml(&images, &labels, &out, 16, 2, ""),
+        "diverge.yaml",
+        &[
+            "train.lr=1e30",
+            "train.warmup_epochs=0",
+            "checkpoint.every_steps=1",
+        ],
+    )
+    .unwrap();
+    let err = run(&def, false).unwrap_err();
+    let message = err.to_string();
+    let patchgd::pipeline::runner::RunError::NonFinite(e) = &err else {
+        panic!("expected a non-finite error, got: {message}");
+    };
+    assert_eq!(e.epoch, 1, "{message}");
+    assert!(e.step >= 1, "{message}");
+    // The batch's images are named (batch size 8), and so are epoch and step.
+    assert_eq!(e.images.len(), 8, "{message}");
+    assert!(
+        e.images.iter().all(|id| id.starts_with("train/")),
+        "{message}"
+    );
+    assert!(
+        message.contains("in epoch 1")
+            && message.contains(&format!("training step {}", e.step))
+            && message.contains(&e.images[0]),
+        "{message}"
+    );
+    // Nothing with NaN was written: no weights, no metrics (the first epoch never finished),
+    // and every checkpoint holds finite weights.
+    let loc = Location::parse(&out).unwrap();
+    assert!(rt.block_on(loc.get_relative("model.safetensors")).is_err());
+    assert!(rt.block_on(loc.get_relative("metrics.parquet")).is_err());
+    let checkpoints = rt.block_on(async {
+        let ckpt = Location::parse(&def.checkpoint_url()).unwrap();
+        let mut found = Vec::new();
+        for meta in ckpt.list().await.unwrap() {
+            if meta.location.as_ref().ends_with("model.safetensors") {
+                found.push(ckpt.get(&meta.location).await.unwrap());
+            }
+        }
+        found
+    });
+    for bytes in checkpoints {
+        for (name, values) in safetensors_values(&bytes) {
+            assert!(values.iter().all(|v| v.is_finite()), "checkpoint {name}");
+        }
+    }
+}
