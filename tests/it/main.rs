@@ -11,3 +11,4 @@ mod sql;
 mod synth;
 mod tiff;
 mod training;
+mod twin;
