@@ -5,11 +5,13 @@
 //!   scripts/libtorch-missing/torch/torch.h.)
 //! - Adds an rpath to libtorch's directory so binaries run without LD_LIBRARY_PATH.
 //! - Keeps libtorch_cuda linked (`--no-as-needed`) so that CUDA works on GPU hosts.
+//! - Compiles src/train/determinism.cpp: libtorch settings tch does not expose.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/train/determinism.cpp");
     let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from);
     let lib_dir = libtorch.as_ref().map(|root| root.join("lib"));
     let found = lib_dir
@@ -24,6 +26,18 @@ fn main() {
         );
         std::process::exit(1);
     }
+    let root = libtorch.expect("found above");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("src/train/determinism.cpp")
+        .compile("patchgd_torch");
     let lib_dir = lib_dir.unwrap();
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());

@@ -190,6 +190,9 @@ pub fn build_trainer(
         horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
             .round() as u64,
     };
+    if def.train.precision == Precision::Bf16 {
+        crate::train::determinism::set_deterministic_mkldnn(true);
+    }
     let mut model = Model::seeded(spec, device, def.train.seed);
     model.set_precision(def.train.precision);
     let mut trainer = Trainer::new(

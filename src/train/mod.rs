@@ -1,6 +1,7 @@
 //! Training: the PatchGD and GD steps, the owned optimizer, schedules, metrics and the trainer.
 
 pub mod batch;
+pub mod determinism;
 pub mod gd;
 pub mod metrics;
 pub mod optim;

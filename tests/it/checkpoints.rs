@@ -181,8 +181,18 @@ fn a_corrupt_newest_checkpoint_falls_back_to_an_older_one_and_still_ends_the_sam
     assert!(std::fs::read(format!("{out}/model.safetensors")).unwrap() == first);
 }
 
+/// Two byte strings equal, or how many bytes differ (for the message).
+fn differing_bytes(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+}
+
 #[test]
-fn a_bf16_run_resumed_from_an_older_checkpoint_ends_bit_identical() {
+fn a_bf16_resume_restores_its_state_exactly_and_ends_identical_wherever_bf16_is_deterministic() {
+    // What a bf16 resume guarantees (docs/checkpoints.md): the resumed process starts from the
+    // checkpoint's exact state (fp32 masters, the bf16 copies rounded from them, Adam's
+    // moments); from there it computes as any bf16 run does. Where two uninterrupted bf16 runs
+    // end byte-identical (CPUs without native bf16; with oneDNN's deterministic mode, those with
+    // it too), a resumed run must as well. No assertion depends on which CPU runs the test.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run").display().to_string();
     let file = setup(dir.path(), "p.yaml", &out);
@@ -192,11 +202,60 @@ fn a_bf16_run_resumed_from_an_older_checkpoint_ends_bit_identical() {
     let quiet = RunOptions::default();
     run_with(&def, &quiet).unwrap();
     let first = std::fs::read(format!("{out}/model.safetensors")).unwrap();
-    // Resuming restores the fp32 masters and the bf16 copies the forward passes use: a resume
-    // that kept either one stale would end elsewhere.
     let ckpt = Location::parse(&format!("{out}/checkpoints")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let steps = rt.block_on(checkpoint::complete_steps(&ckpt)).unwrap();
+    let older = format!("{out}/checkpoints/{}", checkpoint::dir_name(steps[1]));
+
+    // 1. Everywhere: restoring the older checkpoint reproduces its state bit for bit, and each
+    //    bf16 compute copy is its restored master rounded (a stale copy would compute with
+    //    other weights than the checkpoint holds).
+    let read = |name: &str| tch::Tensor::read_safetensors(format!("{older}/{name}")).unwrap();
+    let (weights, moments) = (read("model.safetensors"), read("optimizer.safetensors"));
+    let spec = patchgd::model::ModelSpec {
+        method: patchgd::model::Method::Patchgd,
+        backbone: def.model.backbone,
+        channels: 1,
+        latent_dim: def.model.latent_dim,
+        head_width: def.model.head_width,
+        classes: 2,
+        head_dropout: def.model.head_dropout,
+    };
+    // Another seed: every restored value must come from the checkpoint, none from the init.
+    let mut other = def.clone();
+    other.train.seed += 1;
+    let mut trainer =
+        patchgd::pipeline::runner::build_trainer(&other, spec, tch::Device::Cpu, 24).unwrap();
+    trainer
+        .restore(&weights, &moments, steps[1] as i64, 0, [1, 2, 3, 4])
+        .unwrap();
+    let by_name = |v: &[(String, tch::Tensor)], n: &str| -> tch::Tensor {
+        v.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone()
+    };
+    for (name, t) in trainer.model.named_tensors() {
+        assert!(
+            t.equal(&by_name(&weights, &name)),
+            "restored {name} differs"
+        );
+    }
+    let params = trainer.model.trainable();
+    assert!(params.iter().any(|p| p.compute.is_some()), "no bf16 copies");
+    for p in &params {
+        if let Some(copy) = &p.compute {
+            let rounded = p.master.to_kind(tch::Kind::BFloat16);
+            assert!(copy.equal(&rounded), "{}'s bf16 copy is stale", p.name);
+        }
+    }
+    for (name, t) in trainer.optimizer.state() {
+        assert!(t.equal(&by_name(&moments, &name)), "restored moment {name}");
+    }
+
+    // 2. Where bf16 is deterministic, resuming ends where the uninterrupted run ended.
+    let again = dir.path().join("again").display().to_string();
+    let mut twice = def.clone();
+    twice.output = again.clone();
+    run_with(&twice, &quiet).unwrap();
+    let second = std::fs::read(format!("{again}/model.safetensors")).unwrap();
     std::fs::remove_dir_all(format!(
         "{out}/checkpoints/{}",
         checkpoint::dir_name(steps[0])
@@ -204,7 +263,20 @@ fn a_bf16_run_resumed_from_an_older_checkpoint_ends_bit_identical() {
     .unwrap();
     std::fs::remove_file(format!("{out}/model.safetensors")).unwrap();
     run_with(&def, &quiet).unwrap();
-    assert!(std::fs::read(format!("{out}/model.safetensors")).unwrap() == first);
+    let resumed = std::fs::read(format!("{out}/model.safetensors")).unwrap();
+    if second == first {
+        assert!(
+            resumed == first,
+            "bf16 is deterministic here, but the resumed run differs in {} bytes",
+            differing_bytes(&resumed, &first)
+        );
+    } else {
+        eprintln!(
+            "bf16 is not bit-reproducible on this CPU (two uninterrupted runs differ in {} bytes): \
+             only the exact restore was checked",
+            differing_bytes(&second, &first)
+        );
+    }
 }
 
 #[test]
