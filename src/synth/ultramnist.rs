@@ -23,7 +23,18 @@ pub struct Recipe {
     pub seed: u64,
     pub min_digits: u32,
     pub max_digits: u32,
+    /// Every digit drawn this many pixels high instead of UltraMNIST's scales (14 to 252 px):
+    /// small digits on a large canvas, whose detail a downscale destroys.
+    pub digit_px: Option<u32>,
+    /// A faint background texture instead of pure black: each 8 x 8 px block a random grey in
+    /// 0..=background (0: black, the paper's canvas). Scans have texture everywhere; a canvas
+    /// that is one constant almost everywhere gives a BatchNorm trained on whole images
+    /// statistics that do not hold in evaluation.
+    pub background: u8,
 }
+
+/// Side of the background texture's blocks, in pixels.
+pub const TEXTURE_BLOCK: u32 = 8;
 
 impl Recipe {
     pub fn new(size: u32, classes: u32, seed: u64) -> Self {
@@ -33,6 +44,8 @@ impl Recipe {
             seed,
             min_digits: 3,
             max_digits: 5,
+            digit_px: None,
+            background: 0,
         }
     }
 }
@@ -75,7 +88,10 @@ fn digits_for(label: u32, recipe: &Recipe, rng: &mut Rng) -> Vec<u8> {
     digits
 }
 
-fn digit_size(canvas: u32, rng: &mut Rng) -> u32 {
+fn digit_size(canvas: u32, fixed: Option<u32>, rng: &mut Rng) -> u32 {
+    if let Some(px) = fixed {
+        return px.min(canvas);
+    }
     loop {
         let r = rng.weighted(&SCALE_WEIGHTS) as u32 + 1;
         let size = if r == 1 && rng.coin() { 14 } else { 28 * r };
@@ -85,10 +101,15 @@ fn digit_size(canvas: u32, rng: &mut Rng) -> u32 {
     }
 }
 
-fn layout(canvas: u32, count: usize, rng: &mut Rng) -> Option<Vec<(u32, u32, u32)>> {
+fn layout(
+    canvas: u32,
+    count: usize,
+    digit_px: Option<u32>,
+    rng: &mut Rng,
+) -> Option<Vec<(u32, u32, u32)>> {
     let mut boxes: Vec<(u32, u32, u32)> = Vec::new();
     for _ in 0..count {
-        let size = digit_size(canvas, rng);
+        let size = digit_size(canvas, digit_px, rng);
         let placed = (0..200).find_map(|_| {
             let x = rng.int_in(0, (canvas - size) as i64) as u32;
             let y = rng.int_in(0, (canvas - size) as i64) as u32;
@@ -109,6 +130,9 @@ pub struct Layout {
     pub digits: Vec<u8>,
     pub boxes: Vec<(u32, u32, u32)>,
     pub glyphs: Vec<Vec<u8>>,
+    /// The background texture's brightest grey (0: black) and its seed.
+    pub background: u8,
+    pub texture_seed: u64,
 }
 
 /// Image `index` of `split`: digits summing to `label`, sizes and places drawn from the image's
@@ -121,10 +145,13 @@ pub fn layout_image(
     mnist: Option<&MnistDigits>,
 ) -> Layout {
     let mut rng = Rng::derive(recipe.seed, &format!("image-{split}"), index as u64);
+    // Its own stream: images without a texture stay byte-identical to earlier versions.
+    let texture_seed =
+        Rng::derive(recipe.seed, &format!("texture-{split}"), index as u64).next_u64();
     let digits = digits_for(label, recipe, &mut rng);
     let m = recipe.size;
     let boxes = (0..1000)
-        .find_map(|_| layout(m, digits.len(), &mut rng))
+        .find_map(|_| layout(m, digits.len(), recipe.digit_px, &mut rng))
         .unwrap_or_else(|| panic!("cannot place {} digits on a {m} px canvas", digits.len()));
     let glyphs = digits
         .iter()
@@ -147,14 +174,30 @@ pub fn layout_image(
         digits,
         boxes,
         glyphs,
+        background: recipe.background,
+        texture_seed,
     }
 }
 
 impl Layout {
     /// Draw the digits that fall into the window (x0, y0, w, h) of the image shrunk by
-    /// `factor` (1 = full resolution; 2^l for pyramid level l, by box averaging), onto black.
+    /// `factor` (1 = full resolution; 2^l for pyramid level l, by box averaging), onto black or
+    /// the background texture (a digit pixel keeps the brighter of the two).
     pub fn render_window(&self, factor: u32, x0: u32, y0: u32, w: u32, h: u32) -> Vec<u8> {
         let mut out = vec![0u8; (w * h) as usize];
+        if self.background > 0 {
+            // Sampled at each output pixel's centre (at pyramid levels: not box-averaged).
+            for ty in 0..h {
+                for tx in 0..w {
+                    let (fx, fy) = (
+                        (x0 + tx) * factor + factor / 2,
+                        (y0 + ty) * factor + factor / 2,
+                    );
+                    out[(ty * w + tx) as usize] =
+                        self.texture(fx / TEXTURE_BLOCK, fy / TEXTURE_BLOCK);
+                }
+            }
+        }
         for (glyph, &(bx, by, size)) in self.glyphs.iter().zip(&self.boxes) {
             let (gx, gy, gs) = (bx / factor, by / factor, size.div_ceil(factor));
             if gx >= x0 + w || gy >= y0 + h || gx + gs <= x0 || gy + gs <= y0 {
@@ -170,6 +213,13 @@ impl Layout {
             }
         }
         out
+    }
+
+    /// The grey of texture block (bx, by): a hash of the image's texture seed and the block.
+    fn texture(&self, bx: u32, by: u32) -> u8 {
+        let key =
+            self.texture_seed ^ ((bx as u64) << 32 | by as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (Rng::new(key).next_u64() % (self.background as u64 + 1)) as u8
     }
 }
 
@@ -236,7 +286,7 @@ mod tests {
     fn layouts_do_not_overlap_and_fit() {
         let mut rng = Rng::new(9);
         for _ in 0..50 {
-            if let Some(b) = layout(256, 5, &mut rng) {
+            if let Some(b) = layout(256, 5, None, &mut rng) {
                 for (i, a) in b.iter().enumerate() {
                     assert!(a.0 + a.2 <= 256 && a.1 + a.2 <= 256);
                     for c in &b[i + 1..] {
@@ -250,6 +300,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_fixed_digit_size_draws_every_digit_that_size() {
+        let recipe = Recipe {
+            min_digits: 1,
+            max_digits: 1,
+            digit_px: Some(14),
+            ..Recipe::new(512, 10, 2)
+        };
+        for i in 0..30 {
+            let label = (i % 10) as u32;
+            let l = layout_image(&recipe, "train", i, label, None);
+            assert_eq!(l.digits, vec![label as u8], "one digit: the label");
+            assert_eq!(l.boxes.len(), 1);
+            assert_eq!(l.boxes[0].2, 14);
+            assert!(l.glyphs[0].iter().any(|&v| v > 128), "the digit has ink");
+        }
+    }
+
+    #[test]
+    fn a_background_texture_stays_below_its_bound_in_8_px_blocks_under_the_digits() {
+        let recipe = Recipe {
+            min_digits: 1,
+            max_digits: 1,
+            digit_px: Some(28),
+            background: 16,
+            ..Recipe::new(128, 10, 3)
+        };
+        let l = layout_image(&recipe, "train", 0, 7, None);
+        let px = l.render_window(1, 0, 0, 128, 128);
+        let (bx, by, size) = l.boxes[0];
+        let in_digit = |x: u32, y: u32| x >= bx && x < bx + size && y >= by && y < by + size;
+        let mut greys = std::collections::BTreeSet::new();
+        for y in 0..128 {
+            for x in 0..128 {
+                let v = px[(y * 128 + x) as usize];
+                if !in_digit(x, y) {
+                    assert!(v <= 16, "({x}, {y}) = {v}");
+                    // One grey per block.
+                    let corner = px[((y / 8 * 8) * 128 + x / 8 * 8) as usize];
+                    if !in_digit(x / 8 * 8, y / 8 * 8) {
+                        assert_eq!(v, corner);
+                    }
+                    greys.insert(v);
+                }
+            }
+        }
+        assert!(greys.len() > 10, "a texture, not a constant: {greys:?}");
+        assert!(px.iter().any(|&v| v > 128), "the digit is drawn over it");
+        // The same image rendered again is the same (the texture comes from its own stream).
+        assert_eq!(
+            layout_image(&recipe, "train", 0, 7, None).render_window(1, 0, 0, 128, 128),
+            px
+        );
     }
 
     #[test]
