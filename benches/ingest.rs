@@ -3,7 +3,7 @@
 //!
 //! 1. Throughput, in decoded MB/s and patches/s, for PNG, JPEG and tiled TIFF (JPEG tiles), from
 //!    file:// and from a local S3 server (moto, when `scripts/test` has installed it). The data
-//!    is the real H&E region `../shared/data/CMU-1-Small-Region.svs` (2220 x 2967 RGB) written in
+//!    is the real H&E region `tests/data/CMU-1-Small-Region.svs` (2220 x 2967 RGB) written in
 //!    each format. `ratio` divides by (cores x the single-core decode rate of the same files);
 //!    `ratio+p` by (cores x the single-core rate of decoding and cutting the patches with their
 //!    statistics), i.e. how well the pipeline spreads the same work over the cores.
@@ -32,9 +32,9 @@ const PATCH: usize = 256;
 /// The SVS region as RGB pixels.
 async fn reference_pixels() -> (Vec<u8>, u32, u32) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/CMU-1-Small-Region.svs")
+        .join("tests/data/CMU-1-Small-Region.svs")
         .canonicalize()
-        .expect("../shared/data/CMU-1-Small-Region.svs beside the checkout");
+        .expect("tests/data/CMU-1-Small-Region.svs");
     let (loc, p) =
         Location::parse_object(path.to_str().unwrap(), &StoreOptions::default()).unwrap();
     let size = loc.head(&p).await.unwrap().size;

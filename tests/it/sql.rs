@@ -233,8 +233,7 @@ fn sqllogictest_files_pin_the_sql_surface() {
         runner.set_var("LABELS".into(), f.labels.clone());
         runner.set_var("RUN".into(), f.run.clone());
         runner.set_var("ROOT".into(), f.root.to_str().unwrap().into());
-        let svs =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/CMU-1-Small-Region.svs");
+        let svs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/CMU-1-Small-Region.svs");
         runner.set_var("SVS".into(), svs.to_str().unwrap().into());
         if let Err(e) = rt.block_on(runner.run_file_async(&file)) {
             panic!("{}: {e}", file.display());

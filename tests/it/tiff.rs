@@ -1,4 +1,4 @@
-//! TIFF by byte range: the real Aperio slides in ../shared/data against their known values,
+//! TIFF by byte range: the real Aperio slides in tests/data against their known values,
 //! generated pyramids in every compression (and BigTIFF) against the pixels that made them, and
 //! broken files through the source stage.
 
@@ -15,16 +15,12 @@ use patchgd::synth::{Recipe, layout_image, write_tiff_image};
 
 use crate::common::memory_url;
 
-/// A file in ../shared/data (beside the checkout, as CI has it).
-pub fn shared_data(name: &str) -> String {
+/// A file in tests/data (its source, licence and known values: tests/data/README.md).
+pub fn test_data(name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+        .join("tests/data")
         .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: the shared test data lives beside the checkout",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing", path.display());
     path.canonicalize().unwrap().display().to_string()
 }
 
@@ -62,7 +58,7 @@ fn assert_close(got: [f64; 3], want: [f64; 3], what: &str) {
 
 #[tokio::test]
 async fn cmu_small_region_svs_has_the_documented_directories_and_pixel_means() {
-    let (loc, file) = open(&shared_data("CMU-1-Small-Region.svs")).await;
+    let (loc, file) = open(&test_data("CMU-1-Small-Region.svs")).await;
     assert!(!file.bigtiff && file.little_endian);
     let dirs: Vec<_> = file
         .directories
@@ -111,7 +107,7 @@ async fn cmu_small_region_svs_has_the_documented_directories_and_pixel_means() {
 
 #[tokio::test]
 async fn small_svs_with_a_tile_larger_than_the_image() {
-    let (loc, file) = open(&shared_data("small.svs")).await;
+    let (loc, file) = open(&test_data("small.svs")).await;
     let d0 = &file.directories[0];
     assert_eq!((d0.width, d0.height, d0.chunk_width), (16, 16, 64));
     let px = read_rows(&loc, &file, 0, 0, 16, 3).await.unwrap();
@@ -124,7 +120,7 @@ async fn small_svs_with_a_tile_larger_than_the_image() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_svs_streams_as_patches_with_statistics() {
-    let path = shared_data("CMU-1-Small-Region.svs");
+    let path = test_data("CMU-1-Small-Region.svs");
     let dir = path.rsplit_once('/').unwrap().0.to_string();
     let loc = Location::parse(&dir).unwrap();
     let meta = loc
