@@ -73,7 +73,7 @@ struct BenchArgs {
     /// Small sizes and counts (a smoke run).
     #[arg(long)]
     quick: bool,
-    /// Wall time per method in the memory-budget comparison.
+    /// Wall time of each run (each method, each seed) in the memory-budget comparison.
     #[arg(long, default_value_t = 240.0)]
     seconds: f64,
     /// Image sizes for the memory part.

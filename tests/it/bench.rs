@@ -72,20 +72,33 @@ fn quick_bench_measures_every_target() {
     assert!(mem.iter().any(|r| r[0] == "GD"));
 
     // GD trains at a size it probed (at these tiny sizes both peaks are libtorch's baseline,
-    // so whether it "fits" is noise); both report an accuracy.
+    // so whether it "fits" is noise); both report an accuracy, one seed each in --quick, and
+    // the summary's mean is that accuracy.
     let budget = table(&report, "## 3.");
     assert_eq!(budget.len(), 2, "{report}");
     assert_eq!(
-        (budget[0][0].as_str(), budget[0][1].as_str()),
-        ("PatchGD", "128")
+        (
+            budget[0][0].as_str(),
+            budget[0][1].as_str(),
+            budget[0][2].as_str()
+        ),
+        ("PatchGD", "128", "42")
     );
     let gd_px = &budget[1][1];
     assert!(report.contains(&format!(" {gd_px} px: ")), "{report}");
     for r in &budget {
-        let acc: f64 = r[5].parse().unwrap_or(-1.0);
+        let acc: f64 = r[6].parse().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&acc), "{r:?}");
-        assert!(r[3].parse::<u32>().unwrap() >= 1, "epochs: {r:?}");
+        assert!(r[4].parse::<u32>().unwrap() >= 1, "epochs: {r:?}");
     }
+    let section = &report[report.find("## 3.").unwrap()..report.find("## 4.").unwrap()];
+    let summary = table(
+        &section[section.find("| method | seeds").unwrap()..],
+        "| method",
+    );
+    assert_eq!(summary[0][..3], ["PatchGD", "1", budget[0][6].as_str()]);
+    assert_eq!(summary[1][..3], ["GD", "1", budget[1][6].as_str()]);
+    assert!(section.contains("PatchGD - GD: "), "{section}");
 
     // Mixed precision on the CPU: f32, its twin with another seed, and bf16 (f16 needs CUDA and
     // is named as not run); the speed ratio is bf16 / f32, and the others' predictions are
