@@ -206,13 +206,6 @@ impl GridBatch {
         self.present.as_ref().is_none_or(|p| p[flat as usize])
     }
 
-    /// Flat indices of the present cells (all when there is no mask).
-    pub fn present_flat(&self) -> Vec<i64> {
-        (0..self.b * self.cells())
-            .filter(|&i| self.is_present(i))
-            .collect()
-    }
-
     pub fn device(&self) -> Device {
         self.device
     }
