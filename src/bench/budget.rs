@@ -15,10 +15,10 @@
 //! [`LATENT_BUDGET_MIB`] (the rest spills to disk), so the budget is what the method needs, not
 //! what a default cache happens to hold.
 //!
-//! The texture (grey 0..=16 in 8 px blocks, below the foreground threshold of 32) is there for
-//! GD: on a canvas that is black almost everywhere, BatchNorm's batch statistics in training
-//! and its running statistics in evaluation part ways, and GD's validation accuracy collapses
-//! to chance for reasons that have nothing to do with resolution.
+//! The texture (grey 0..=16 in 8 px blocks, below the foreground threshold of 32) gives the
+//! canvas a scan's variance instead of one constant, on which BatchNorm's batch statistics in
+//! training and running statistics in evaluation part ways. Shrunk to GD's size it mostly
+//! averages out, and GD's evaluation still suffers from that (docs/benchmarks.md says how much).
 
 use super::child::{ChildRun, default_cap, run_pipeline};
 use super::{BenchOptions, generate_recipe, write_pipeline};
