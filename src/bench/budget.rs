@@ -79,6 +79,18 @@ pub struct Budget {
     pub rows: Vec<BudgetRow>,
 }
 
+/// One method's final validation accuracies over its seeds.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    /// Runs that finished.
+    pub n: usize,
+    pub mean: f64,
+    /// Sample standard deviation (0 for one run).
+    pub sd: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
 impl Budget {
     /// Final validation accuracies of one method's runs that finished.
     pub fn accuracies(&self, method: &str) -> Vec<f64> {
@@ -87,6 +99,25 @@ impl Budget {
             .filter(|r| r.method == method && r.run.ok)
             .filter_map(|r| r.run.epochs.last().map(|e| e.val_accuracy))
             .collect()
+    }
+
+    /// Mean, spread and range of [`Budget::accuracies`] (NaN mean when no run finished).
+    pub fn spread(&self, method: &str) -> Spread {
+        let acc = self.accuracies(method);
+        let n = acc.len();
+        let mean = acc.iter().sum::<f64>() / n as f64;
+        let sd = if n > 1 {
+            (acc.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Spread {
+            n,
+            mean,
+            sd,
+            min: acc.iter().copied().fold(f64::INFINITY, f64::min),
+            max: acc.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
     }
 }
 

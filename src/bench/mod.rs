@@ -372,34 +372,20 @@ pub fn run(
                 ]
             })
             .collect();
-        let stats = |method: &str| {
-            let acc = b.accuracies(method);
-            let n = acc.len() as f64;
-            let mean = acc.iter().sum::<f64>() / n;
-            let sd = if acc.len() > 1 {
-                (acc.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-            } else {
-                0.0
-            };
-            let (lo, hi) = acc
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(lo, hi), a| (lo.min(*a), hi.max(*a)));
-            (acc.len(), mean, sd, lo, hi)
-        };
-        let summary: Vec<Vec<String>> = ["PatchGD", "GD"]
+        let (patchgd, gd) = (b.spread("PatchGD"), b.spread("GD"));
+        let summary: Vec<Vec<String>> = [("PatchGD", patchgd), ("GD", gd)]
             .iter()
-            .map(|m| {
-                let (n, mean, sd, lo, hi) = stats(m);
+            .map(|(m, s)| {
                 vec![
                     m.to_string(),
-                    n.to_string(),
-                    format!("{mean:.3}"),
-                    format!("{sd:.3}"),
-                    format!("{lo:.3}-{hi:.3}"),
+                    s.n.to_string(),
+                    format!("{:.3}", s.mean),
+                    format!("{:.3}", s.sd),
+                    format!("{:.3}-{:.3}", s.min, s.max),
                 ]
             })
             .collect();
-        let gap = (stats("PatchGD").1 - stats("GD").1) * 100.0;
+        let gap = (patchgd.mean - gd.mean) * 100.0;
         emit(
             &mut report,
             format!(
