@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand};
 use patchgd::patch::Foreground;
 use patchgd::pipeline::{Definition, RunOptions, run_with};
 use patchgd::source::StreamConfig;
-use patchgd::source::inspect::{inspect as inspect_object, scan, scan_entries};
-use patchgd::source::tiff::write::TileCompression;
-use patchgd::storage::{Location, StorageError, StoreOptions};
-use patchgd::synth::{ImageFormat, Recipe, mnist::MnistDigits, write_ultramnist};
+use patchgd::source::inspect::{inspect as inspect_object, scan_entries};
+use patchgd::source::list_images;
+use patchgd::storage::{Location, StoreOptions};
+use patchgd::synth::{
+    ImageFormat, Recipe, SynthOverrides, SynthSpec, mnist::MnistDigits, write_ultramnist,
+};
 use patchgd::train::metrics::{peak_rss_bytes, rss_bytes};
 
 #[derive(Parser)]
@@ -165,29 +167,9 @@ struct InspectArgs {
     buffer_mib: usize,
 }
 
-fn storage_options(pairs: &[String]) -> Result<StoreOptions> {
-    let mut opts = StoreOptions::default();
-    for pair in pairs {
-        let (k, v) = pair
-            .split_once('=')
-            .with_context(|| format!("--storage '{pair}' is not KEY=VALUE"))?;
-        match k {
-            "max_retries" => opts.max_retries = v.parse().context("--storage max_retries")?,
-            "retry_timeout_secs" => {
-                opts.retry_timeout_secs = v.parse().context("--storage retry_timeout_secs")?
-            }
-            _ => {
-                opts.options.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    opts.validate()?;
-    Ok(opts)
-}
-
 fn sql(args: SqlArgs) -> Result<()> {
     use patchgd::sql::{DataSet, Sources, register, session, shell};
-    let mut storage = storage_options(&args.storage)?;
+    let mut storage = StoreOptions::from_pairs(&args.storage)?;
     let mut sources = Sources::default();
     if let Some(path) = &args.pipeline {
         let def = Definition::from_file(path)?;
@@ -255,43 +237,30 @@ fn sql(args: SqlArgs) -> Result<()> {
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
-    let opts = storage_options(&args.storage)?;
+    let opts = StoreOptions::from_pairs(&args.storage)?;
     let stride = args.stride.unwrap_or(args.patch);
     let rt = tokio::runtime::Runtime::new()?;
-    let loc = Location::parse_with(&args.url, &opts)?;
-    // A single object, or every object under a prefix.
-    let (object_loc, object) = Location::parse_object(&args.url, &opts)?;
-    let single = match rt.block_on(object_loc.head(&object)) {
-        Ok(meta) => Some(meta.size),
-        Err(StorageError::NotFound { .. }) => None, // a prefix, or nothing
-        Err(e) => return Err(e.into()),
-    };
-    let targets: Vec<(Location, object_store::path::Path, u64)> = if let Some(size) = single {
-        vec![(object_loc, object, size)]
-    } else {
-        let listed = rt.block_on(loc.list())?;
-        if listed.is_empty() {
-            bail!(
-                "nothing at '{}': no object and no objects under it",
-                args.url
-            );
-        }
-        if listed.len() > args.limit {
-            eprintln!(
-                "{} objects; showing the first {} (--limit)",
-                listed.len(),
-                args.limit
-            );
-        }
-        listed
-            .into_iter()
-            .take(args.limit)
-            .map(|m| (loc.clone(), m.location, m.size))
-            .collect()
-    };
-    let mut failed = 0;
-    for (l, path, size) in &targets {
-        match rt.block_on(inspect_object(l, path, *size, args.patch, stride)) {
+    let listing = rt.block_on(list_images(&args.url, &opts))?;
+    if listing.images.len() > args.limit {
+        eprintln!(
+            "{} objects; showing the first {} (--limit)",
+            listing.images.len(),
+            args.limit
+        );
+    }
+    let loc = &listing.location;
+    let mut failed = listing.failures.len();
+    for f in &listing.failures {
+        println!("{}: {}", f.url, f.message);
+    }
+    for entry in listing.images.iter().take(args.limit) {
+        match rt.block_on(inspect_object(
+            loc,
+            &entry.path,
+            entry.size,
+            args.patch,
+            stride,
+        )) {
             Ok(info) => print!("{}", info.render(args.patch, stride)),
             Err(e) => {
                 failed += 1;
@@ -325,18 +294,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             min_fraction: args.min_foreground,
         };
         let rss_before = rss_bytes();
-        let report = match single {
-            Some(size) => {
-                let (l, path, _) = &targets[0];
-                rt.block_on(scan_entries(
-                    l,
-                    vec![unlabelled_entry(l, path, size)],
-                    config,
-                ))
-            }
-            None => rt.block_on(scan(&loc, config)),
-        }
-        .map_err(anyhow::Error::msg)?;
+        let report = rt.block_on(scan_entries(loc, listing.images.clone(), config));
         let mib = report.pixel_bytes as f64 / (1 << 20) as f64;
         println!(
             "scan: {} images ({} failed), {} patches, {} kept (fg >= {}), mean fg fraction {:.3}; {:.1} MiB of patch pixels in {:.2} s = {:.1} MiB/s, {:.0} patches/s; RSS before scan {:.0} MiB, peak RSS {:.0} MiB",
@@ -360,27 +318,10 @@ fn inspect(args: InspectArgs) -> Result<()> {
     if failed > 0 {
         bail!(
             "{failed} of {} objects could not be inspected",
-            targets.len()
+            listing.images.len().min(args.limit) + listing.failures.len()
         );
     }
     Ok(())
-}
-
-/// One object as an image to scan (no label: inspecting needs none).
-fn unlabelled_entry(
-    loc: &Location,
-    path: &object_store::path::Path,
-    size: u64,
-) -> patchgd::source::ImageEntry {
-    let name = path.filename().unwrap_or_default().to_string();
-    patchgd::source::ImageEntry {
-        image_id: patchgd::source::catalog::strip_extension(&name).to_string(),
-        url: loc.url_of(path),
-        size,
-        path: path.clone(),
-        label: None,
-        split: None,
-    }
 }
 
 #[derive(Subcommand)]
@@ -436,60 +377,33 @@ fn synth(args: UltramnistArgs) -> Result<()> {
         })?),
         None => None,
     };
-    let pick = |flag: Option<u32>, from: Option<u32>, name: &str| {
-        flag.or(from)
-            .with_context(|| format!("--{name} is required"))
-    };
-    let out = args
-        .out
-        .or(base.as_ref().map(|b| b.out.clone()))
-        .context("--out is required")?;
-    let size = pick(args.size, base.as_ref().map(|b| b.size), "size")?;
-    let classes = pick(args.classes, base.as_ref().map(|b| b.classes), "classes")?;
-    let train = args
-        .train
-        .or(base.as_ref().map(|b| b.train))
-        .context("--train is required")?;
-    let val = args
-        .val
-        .or(base.as_ref().map(|b| b.val))
-        .context("--val is required")?;
-    let seed = args.seed.or(base.as_ref().map(|b| b.seed)).unwrap_or(42);
-    if !(2..=46).contains(&classes) {
-        bail!("--classes is {classes}; allowed: 2 to 46 (sums of at most five digits)");
+    let spec = SynthOverrides {
+        out: args.out,
+        size: args.size,
+        classes: args.classes,
+        train: args.train,
+        val: args.val,
+        seed: args.seed,
+        format: args.format,
+        tile: args.tile,
+        compression: args.compression,
     }
-    if size < 28 {
-        bail!("--size is {size}; must be at least 28 px");
+    .over(base)
+    .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let mut format = spec.image_format()?;
+    if let ImageFormat::Tiff { bigtiff, .. } = &mut format {
+        *bigtiff = args.bigtiff;
     }
-    let mnist = args
-        .mnist
-        .as_deref()
-        .map(MnistDigits::load)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let format_name = args
-        .format
-        .or(base.as_ref().map(|b| b.format.clone()))
-        .unwrap_or_else(|| "png".into());
-    let tile = args.tile.or(base.as_ref().map(|b| b.tile)).unwrap_or(256);
-    let compression = args
-        .compression
-        .or(base.as_ref().map(|b| b.compression.clone()))
-        .unwrap_or_else(|| "jpeg".into());
-    if tile < 16 || tile % 16 != 0 {
-        bail!("--tile is {tile}; TIFF tiles must be a multiple of 16 px");
-    }
-    let format = match format_name.as_str() {
-        "png" => ImageFormat::Png,
-        "tiff" | "tif" => ImageFormat::Tiff {
-            tile,
-            compression: TileCompression::parse(&compression).with_context(|| {
-                format!("--compression '{compression}': expected jpeg, deflate, lzw or none")
-            })?,
-            bigtiff: args.bigtiff,
-        },
-        other => bail!("--format '{other}': expected png or tiff"),
-    };
+    let mnist = args.mnist.as_deref().map(MnistDigits::load).transpose()?;
+    let SynthSpec {
+        out,
+        size,
+        classes,
+        train,
+        val,
+        seed,
+        ..
+    } = spec;
     let recipe = Recipe::new(size, classes, seed);
     let started = std::time::Instant::now();
     let rt = tokio::runtime::Runtime::new()?;

@@ -145,6 +145,39 @@ impl StoreOptions {
         Ok(())
     }
 
+    /// Options from `KEY=VALUE` pairs (the command line's `--storage`): `max_retries` and
+    /// `retry_timeout_secs` set the retries, any other key is an object_store option.
+    pub fn from_pairs<S: AsRef<str>>(pairs: &[S]) -> Result<Self> {
+        let mut opts = Self::default();
+        for pair in pairs {
+            let pair = pair.as_ref();
+            let bad = |key: &str, reason: String| StorageError::BadOption {
+                key: key.to_string(),
+                reason,
+            };
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad(pair, "expected KEY=VALUE".into()))?;
+            match k {
+                "max_retries" => {
+                    opts.max_retries = v
+                        .parse()
+                        .map_err(|e| bad(k, format!("'{v}' is not a count: {e}")))?
+                }
+                "retry_timeout_secs" => {
+                    opts.retry_timeout_secs = v
+                        .parse()
+                        .map_err(|e| bad(k, format!("'{v}' is not a number: {e}")))?
+                }
+                _ => {
+                    opts.options.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        opts.validate()?;
+        Ok(opts)
+    }
+
     fn retry(&self) -> RetryConfig {
         RetryConfig {
             backoff: BackoffConfig {

@@ -16,7 +16,7 @@ use crate::source::{Catalog, ImageEntry, SourceItem, Split, stream_images};
 use crate::storage::Location;
 use crate::synth::ImageFormat;
 use crate::train::batch::GridBatch;
-use crate::train::{NonFiniteError, PassOutcome, Phase, Trainer};
+use crate::train::{PassOutcome, Phase, TrainError, Trainer};
 
 #[derive(Clone, Debug)]
 pub struct EfficiencyRow {
@@ -169,7 +169,7 @@ pub fn measure(
                 rx,
                 PassOutcome::default(),
                 |_| {},
-                |_, _| Ok::<(), NonFiniteError>(()),
+                |_, _| Ok::<(), TrainError>(()),
             )
             .map_err(|e| e.to_string())?;
         sync(setup.device);

@@ -8,6 +8,7 @@ use crate::model::{BackboneKind, Method};
 use crate::patch::Foreground;
 use crate::source::StreamConfig;
 use crate::storage::StoreOptions;
+pub use crate::synth::SynthSpec;
 use crate::train::{Accumulation, Precision};
 
 #[derive(Debug, thiserror::Error)]
@@ -317,38 +318,6 @@ pub struct TrainSpec {
     pub precision: Precision,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SynthSpec {
-    /// Where the data set goes: images under OUT/images, labels in OUT/labels.csv.
-    pub out: String,
-    pub size: u32,
-    pub classes: u32,
-    pub train: usize,
-    pub val: usize,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    /// `png`, or `tiff` (tiled pyramidal, for large canvases).
-    #[serde(default = "default_synth_format")]
-    pub format: String,
-    /// TIFF tile size.
-    #[serde(default = "default_tile")]
-    pub tile: u32,
-    /// TIFF tile compression: jpeg, deflate, lzw or none.
-    #[serde(default = "default_synth_compression")]
-    pub compression: String,
-}
-
-fn default_synth_format() -> String {
-    "png".into()
-}
-fn default_tile() -> u32 {
-    256
-}
-fn default_synth_compression() -> String {
-    "jpeg".into()
-}
-
 fn default_name() -> String {
     "run".into()
 }
@@ -629,40 +598,10 @@ impl Definition {
         if self.train.spool_above_mib.is_nan() || self.train.spool_above_mib < 0.0 {
             return bad("train.spool_above_mib", "must be 0 or more (MiB)".into());
         }
-        if let Some(s) = &self.synth {
-            if s.classes < 2 || s.classes > 46 {
-                return bad(
-                    "synth.classes",
-                    format!(
-                        "is {}; allowed: 2 to 46 (sums of at most five digits)",
-                        s.classes
-                    ),
-                );
-            }
-            if !matches!(s.format.as_str(), "png" | "tiff") {
-                return bad(
-                    "synth.format",
-                    format!("is '{}'; allowed: png, tiff", s.format),
-                );
-            }
-            if !matches!(s.compression.as_str(), "jpeg" | "deflate" | "lzw" | "none") {
-                return bad(
-                    "synth.compression",
-                    format!("is '{}'; allowed: jpeg, deflate, lzw, none", s.compression),
-                );
-            }
-            if s.tile < 16 || s.tile % 16 != 0 {
-                return bad(
-                    "synth.tile",
-                    format!("is {}; must be a multiple of 16", s.tile),
-                );
-            }
-            if s.size < 28 {
-                return bad(
-                    "synth.size",
-                    format!("is {}; must be at least 28 px", s.size),
-                );
-            }
+        if let Some(s) = &self.synth
+            && let Err(e) = s.validate()
+        {
+            return bad(&format!("synth.{}", e.key), e.reason);
         }
         Ok(())
     }

@@ -42,7 +42,7 @@ pub enum RunError {
     #[error("cannot resume: {0}")]
     Resume(String),
     #[error(transparent)]
-    NonFinite(#[from] crate::train::NonFiniteError),
+    Train(#[from] crate::train::TrainError),
 }
 
 /// How to run beyond what the pipeline file says.

@@ -95,15 +95,15 @@ impl Catalog {
     pub async fn load(images: &Location, labels_url: &str, options: &StoreOptions) -> Result<Self> {
         let labels = load_labels(labels_url, options).await?;
         let (labels_loc, labels_path) = Location::parse_object(labels_url, options)?;
-        let objects = images.list().await?;
+        let mut objects = images.list().await?;
+        // The labels table may live under the images prefix; it is not an image.
+        objects.retain(|meta| labels_loc.url_of(&labels_path) != images.url_of(&meta.location));
         let mut catalog = Catalog::default();
         let mut matched = std::collections::HashSet::new();
+        let (objects, ambiguous) = unique_ids(images, objects);
+        catalog.objects = objects.len() + ambiguous.len();
+        catalog.failures = ambiguous;
         for meta in objects {
-            // The labels table may live under the images prefix; it is not an image.
-            if labels_loc.url_of(&labels_path) == images.url_of(&meta.location) {
-                continue;
-            }
-            catalog.objects += 1;
             let rel = images
                 .relative(&meta.location)
                 .unwrap_or_else(|| meta.location.to_string());
@@ -145,6 +145,54 @@ impl Catalog {
     }
 }
 
+/// Split the listed objects into those whose image id is theirs alone and failures for those
+/// that share one (`boxes.png` and `boxes.tiff` are both `boxes`): which of them a label, a
+/// latent or a prediction would belong to is ambiguous, so none is used. Each failure keeps
+/// its object's extension in `image_id`, so the two stay two in the accounting.
+pub fn unique_ids(
+    images: &Location,
+    objects: Vec<object_store::ObjectMeta>,
+) -> (Vec<object_store::ObjectMeta>, Vec<Failure>) {
+    let rel = |meta: &object_store::ObjectMeta| {
+        images
+            .relative(&meta.location)
+            .unwrap_or_else(|| meta.location.to_string())
+    };
+    let mut by_id: HashMap<String, Vec<String>> = HashMap::new();
+    for meta in &objects {
+        let rel = rel(meta);
+        by_id
+            .entry(strip_extension(&rel).to_string())
+            .or_default()
+            .push(rel);
+    }
+    let (mut unique, mut failures) = (Vec::new(), Vec::new());
+    for meta in objects {
+        let rel = rel(&meta);
+        let id = strip_extension(&rel);
+        let sharing = &by_id[id];
+        if sharing.len() == 1 {
+            unique.push(meta);
+            continue;
+        }
+        failures.push(Failure {
+            message: format!(
+                "objects {} all have image id '{id}' (the path without its extension): rename all but one",
+                sharing
+                    .iter()
+                    .map(|r| format!("'{r}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            image_id: rel,
+            url: images.url_of(&meta.location),
+            stage: "listing".into(),
+        });
+    }
+    (unique, failures)
+}
+
+/// An object's id: its path under the images URL without the extension.
 pub fn strip_extension(rel: &str) -> &str {
     match rel.rfind('.') {
         Some(dot) if !rel[dot..].contains('/') => &rel[..dot],

@@ -4,10 +4,12 @@
 pub mod catalog;
 pub mod decode;
 pub mod inspect;
+pub mod listing;
 pub mod stream;
 pub mod tiff;
 
 pub use catalog::{Catalog, ImageEntry, Split};
+pub use listing::{Listing, list_images};
 pub use stream::{PatchBatch, SourceItem, StreamConfig, stream_images};
 
 use crate::storage::StorageError;
@@ -30,7 +32,7 @@ pub type Result<T, E = SourceError> = std::result::Result<T, E>;
 pub struct Failure {
     pub image_id: String,
     pub url: String,
-    /// Where it failed: `labels`, `read`, `decode` or `patch`.
+    /// Where it failed: `listing`, `labels`, `read`, `decode`, `patch` or `select`.
     pub stage: String,
     pub message: String,
 }

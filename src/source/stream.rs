@@ -3,6 +3,7 @@
 //! batch holds until the consumer drops it).
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use arrow::record_batch::RecordBatch;
@@ -192,10 +193,37 @@ fn band_stream(
 ) -> BoxStream<'static, BandResult> {
     let workers = config.decode_workers.max(1);
     let opened: BoxStream<'static, Bands> = futures::stream::iter(entries)
-        .map(move |entry| open_image(images.clone(), entry, config.clone()))
+        .map(move |entry| {
+            let (id, url) = (entry.image_id.clone(), entry.url.clone());
+            // Header parsing runs here, not on the blocking pool: a panic in it must still
+            // become this image's failure, not end the stream.
+            AssertUnwindSafe(open_image(images.clone(), entry, config.clone()))
+                .catch_unwind()
+                .map(move |r| r.unwrap_or_else(|p| failed(panicked(id, url, "opening", p))))
+        })
         .buffered(workers)
         .boxed();
     opened.flatten().buffered(workers).boxed()
+}
+
+/// A panic caught in a source task, as the image's failure (a bug to report, never a lost image).
+fn panicked(
+    image_id: String,
+    url: String,
+    during: &str,
+    payload: Box<dyn std::any::Any + Send>,
+) -> Failure {
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    Failure {
+        image_id,
+        url,
+        stage: "decode".into(),
+        message: format!("internal error while {during} the image (a bug): {message}"),
+    }
 }
 
 fn image_id_of(batch: &RecordBatch) -> &str {
@@ -284,6 +312,9 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
             None => header_dimensions(&head),
         };
         if let Some((width, height)) = dims {
+            if let Err(message) = check_declared_size(width, height, &config) {
+                return failed(failure(&entry, "decode", message));
+            }
             let grid = match Grid::new(width, height, config.patch, config.stride) {
                 Ok(g) => g,
                 Err(e) => return failed(failure(&entry, "patch", e.to_string())),
@@ -334,6 +365,33 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
         Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
         Err(f) => failed(f),
     }
+}
+
+/// The most pixels an image (a TIFF level) may declare: 2^34, a 131,072 px square. Sizes come
+/// from the file, so a few bytes can claim a terabyte; this is checked before any allocation.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 34;
+/// The most bytes an image read whole may decode to (the GD baseline reads a TIFF level whole
+/// before resizing it): the `image` crate's default limit for PNG and JPEG, 512 MiB.
+pub const MAX_WHOLE_IMAGE_BYTES: u64 = 512 << 20;
+
+/// Refuse a declared size that could not be allocated, naming it and the limit.
+fn check_declared_size(width: usize, height: usize, config: &StreamConfig) -> Result<(), String> {
+    let pixels = width as u64 * height as u64;
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "declares {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} pixels an image may have"
+        ));
+    }
+    let whole = pixels * config.channels as u64;
+    if config.resize_to.is_some() && whole > MAX_WHOLE_IMAGE_BYTES {
+        return Err(format!(
+            "{width} x {height} x {} channels is {} MiB decoded whole (resize_to reads the level at once); at most {} MiB: choose a smaller level",
+            config.channels,
+            whole >> 20,
+            MAX_WHOLE_IMAGE_BYTES >> 20
+        ));
+    }
+    Ok(())
 }
 
 /// Width and height from a PNG or JPEG header, if the first bytes hold it.
@@ -487,6 +545,13 @@ async fn open_tiff(
         Err(e) => return failed(failure(&entry, "decode", e.to_string())),
     };
     let (width, height) = (dir.width as usize, dir.height as usize);
+    if let Err(message) = check_declared_size(width, height, &config) {
+        return failed(failure(
+            &entry,
+            "decode",
+            format!("level {level}: {message}"),
+        ));
+    }
     let file = Arc::new(file);
     if config.resize_to.is_some() {
         // Whole-image input (GD): read the level at once, then resize like a PNG.
@@ -559,7 +624,8 @@ async fn open_tiff(
                 dir.clone(),
                 mask.clone(),
             );
-            async move {
+            let (id, url) = (entry.image_id.clone(), entry.url.clone());
+            AssertUnwindSafe(async move {
                 let wanted = mask
                     .as_ref()
                     .is_none_or(|m| cols.clone().any(|c| m[grid.index(row, c)]));
@@ -597,7 +663,9 @@ async fn open_tiff(
                     Ok(segment_batch(&key, &grid, row, cols, Some(&raster), &cut))
                 })
                 .await
-            }
+            })
+            .catch_unwind()
+            .map(move |r| r.unwrap_or_else(|p| Err(panicked(id, url, "reading", p))))
             .boxed()
         })
         .boxed()

@@ -25,7 +25,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 
-use crate::source::{Catalog, Failure, ImageEntry, StreamConfig};
+use crate::source::{Catalog, Failure, ImageEntry, SourceError, StreamConfig, list_images};
 use crate::storage::{Location, StoreOptions};
 
 pub use images::ImagesTable;
@@ -54,45 +54,26 @@ impl DataSet {
         }
     }
 
-    /// The listed images, and the objects that could not be labelled (counted as failures).
+    /// The listed images, and the objects that could not be labelled or listed (counted as
+    /// failures).
     pub async fn entries(
         &self,
     ) -> Result<(Location, Vec<ImageEntry>, Vec<Failure>), DataFusionError> {
-        let ext = |e: String| DataFusionError::External(e.into());
-        let images = Location::parse_with(&self.images, &self.storage)
-            .map_err(|e| ext(format!("images URL '{}': {e}", self.images)))?;
+        let external = |e: SourceError| DataFusionError::External(Box::new(e));
         match &self.labels {
             Some(labels) => {
+                let images = Location::parse_with(&self.images, &self.storage)
+                    .map_err(|e| external(e.into()))?;
                 let catalog = Catalog::load(&images, labels, &self.storage)
                     .await
-                    .map_err(|e| ext(e.to_string()))?;
+                    .map_err(external)?;
                 Ok((images, catalog.images, catalog.failures))
             }
             None => {
-                let listed = images
-                    .list()
+                let listing = list_images(&self.images, &self.storage)
                     .await
-                    .map_err(|e| ext(format!("listing '{}': {e}", self.images)))?;
-                if !listed.is_empty() {
-                    let entries = listed
-                        .into_iter()
-                        .map(|m| ImageEntry::unlabelled(&images, m))
-                        .collect();
-                    return Ok((images, entries, vec![]));
-                }
-                // Not a prefix: perhaps one object.
-                let (parent, path) = Location::parse_object(&self.images, &self.storage)
-                    .map_err(|e| ext(format!("images URL '{}': {e}", self.images)))?;
-                match parent.head(&path).await {
-                    Ok(meta) => {
-                        let entry = ImageEntry::unlabelled(&parent, meta);
-                        Ok((parent, vec![entry], vec![]))
-                    }
-                    Err(_) => Err(ext(format!(
-                        "no images under '{}' (neither an object nor a prefix with objects)",
-                        self.images
-                    ))),
-                }
+                    .map_err(external)?;
+                Ok((listing.location, listing.images, listing.failures))
             }
         }
     }

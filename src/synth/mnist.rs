@@ -11,24 +11,46 @@ pub struct MnistDigits {
     pub by_digit: Vec<Vec<Vec<u8>>>,
 }
 
+/// Why MNIST digits could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum MnistError {
+    #[error("cannot read MNIST file '{path}': {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("MNIST files{}: {reason}", dir.as_ref().map(|d| format!(" in '{d}'")).unwrap_or_default())]
+    Invalid { dir: Option<String>, reason: String },
+}
+
 fn be_u32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 impl MnistDigits {
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path) -> Result<Self, MnistError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            std::fs::read(&path)
-                .map_err(|e| format!("cannot read MNIST file '{}': {e}", path.display()))
+            std::fs::read(&path).map_err(|source| MnistError::Read { path, source })
         };
         let images = read("train-images-idx3-ubyte")?;
         let labels = read("train-labels-idx1-ubyte")?;
-        Self::parse(&images, &labels)
-            .map_err(|e| format!("MNIST files in '{}': {e}", dir.display()))
+        Self::parse(&images, &labels).map_err(|e| match e {
+            MnistError::Invalid { reason, .. } => MnistError::Invalid {
+                dir: Some(dir.display().to_string()),
+                reason,
+            },
+            other => other,
+        })
     }
 
-    pub fn parse(images: &[u8], labels: &[u8]) -> Result<Self, String> {
+    /// The digits of an IDX3 images file and its IDX1 labels.
+    pub fn parse(images: &[u8], labels: &[u8]) -> Result<Self, MnistError> {
+        Self::parse_idx(images, labels).map_err(|reason| MnistError::Invalid { dir: None, reason })
+    }
+
+    fn parse_idx(images: &[u8], labels: &[u8]) -> Result<Self, String> {
         if images.len() < 16 || be_u32(images, 0) != 0x0000_0803 {
             return Err("train-images-idx3-ubyte: not an IDX3 u8 file (magic 0x00000803)".into());
         }
@@ -40,8 +62,9 @@ impl MnistDigits {
             be_u32(images, 8) as usize,
             be_u32(images, 12) as usize,
         );
+        let pixels = n.checked_mul(rows).and_then(|p| p.checked_mul(cols));
         if be_u32(labels, 4) as usize != n
-            || images.len() != 16 + n * rows * cols
+            || pixels.and_then(|p| p.checked_add(16)) != Some(images.len())
             || labels.len() != 8 + n
         {
             return Err(format!(

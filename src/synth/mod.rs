@@ -3,10 +3,12 @@
 
 pub mod glyphs;
 pub mod mnist;
+pub mod spec;
 pub mod ultramnist;
 
 use crate::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
 use crate::storage::{Location, StorageError};
+pub use spec::{SynthError, SynthOverrides, SynthSpec};
 pub use ultramnist::{Layout, Recipe, SynthImage, layout_image, render_image, split_labels};
 
 /// How images are written.

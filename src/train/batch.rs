@@ -9,6 +9,8 @@
 //!   memory flat in image size;
 //! - already-normalised float input (tests and benchmarks that build batches directly).
 
+use std::cell::RefCell;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::patch::{ImagePatches, PatchPixels};
@@ -35,6 +37,19 @@ pub struct GridBatch {
     channels: i64,
     patch: i64,
     device: Device,
+    /// The first spool read that failed: its patch reads as zeros until the step checks this
+    /// ([`GridBatch::check_reads`]) before any weight changes.
+    read_error: RefCell<Option<PatchReadError>>,
+}
+
+/// A spooled patch could not be read back from its temporary file (a disk error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read patch {cell} of image '{image_id}' back from its spool file: {source}")]
+pub struct PatchReadError {
+    pub image_id: String,
+    pub cell: usize,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// Host bytes -> device tensor; through pinned memory and a non-blocking copy on CUDA.
@@ -101,6 +116,7 @@ impl GridBatch {
             channels: c as i64,
             patch: m as i64,
             device,
+            read_error: RefCell::new(None),
         }
     }
 
@@ -132,6 +148,7 @@ impl GridBatch {
             rows,
             cols,
             present,
+            read_error: RefCell::new(None),
         }
     }
 
@@ -173,17 +190,28 @@ impl GridBatch {
                 let mut bytes = vec![0u8; flat.len() * patch_bytes];
                 for (i, &f) in flat.iter().enumerate() {
                     let (id, px) = &images[(f / k) as usize];
-                    px.read_cell(
-                        (f % k) as usize,
-                        &mut bytes[i * patch_bytes..][..patch_bytes],
-                    )
-                    .unwrap_or_else(|e| {
-                        panic!("reading spooled patch {} of image '{id}': {e}", f % k)
-                    });
+                    let cell = (f % k) as usize;
+                    let out = &mut bytes[i * patch_bytes..][..patch_bytes];
+                    if let Err(source) = px.read_cell(cell, out) {
+                        out.fill(0);
+                        self.read_error.borrow_mut().get_or_insert(PatchReadError {
+                            image_id: id.clone(),
+                            cell,
+                            source,
+                        });
+                    }
                 }
                 let host = Tensor::from_slice(&bytes).view([flat.len() as i64, m, m, c]);
                 normalise(&upload(host, self.device))
             }
+        }
+    }
+
+    /// Whether every patch read so far came back; the first failure otherwise (once).
+    pub fn check_reads(&self) -> Result<(), PatchReadError> {
+        match self.read_error.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

@@ -2,7 +2,7 @@
 //! 1 x 1 grid) goes whole through the backbone and a linear classifier.
 
 use super::optim::{Adam, NonFinite};
-use super::patchgd::{GridBatch, StepOutcome};
+use super::patchgd::{GridBatch, StepError, StepOutcome};
 use crate::model::Model;
 
 fn images(batch: &GridBatch) -> tch::Tensor {
@@ -20,15 +20,16 @@ pub fn gd_step(
     opt: &mut Adam,
     lr: f64,
     batch: &GridBatch,
-) -> Result<StepOutcome, NonFinite> {
+) -> Result<StepOutcome, StepError> {
     opt.zero_grad();
     let logits = model.classify_vector(&model.encode(&images(batch), true));
     let loss = logits.cross_entropy_for_logits(&batch.labels);
     let value = loss.double_value(&[]);
     // Under loss scaling, a loss that overflowed makes the scaler skip the step: its one exception.
     if !value.is_finite() && opt.scaler.is_none() {
-        return Err(NonFinite("the loss".into()));
+        return Err(NonFinite("the loss".into()).into());
     }
+    batch.check_reads()?;
     (loss * opt.loss_scale()).backward();
     let stepped = opt.step(lr)?;
     opt.zero_grad();

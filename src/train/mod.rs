@@ -13,5 +13,6 @@ pub mod trainer;
 pub use precision::{LossScaler, Precision};
 pub use schedule::{Accumulation, LrSchedule, StepPlan, plan_outer_step};
 pub use trainer::{
-    NonFiniteError, PassOutcome, Phase, Prediction, TrainedBatch, Trainer, TrainerConfig,
+    NonFiniteError, PassOutcome, Phase, Prediction, TrainError, TrainedBatch, Trainer,
+    TrainerConfig,
 };

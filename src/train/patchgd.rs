@@ -8,6 +8,7 @@
 use tch::{Kind, Tensor};
 
 pub use super::batch::GridBatch;
+use super::batch::PatchReadError;
 use super::optim::{Adam, NonFinite};
 use super::schedule::StepPlan;
 use crate::model::Model;
@@ -134,6 +135,15 @@ pub fn inner_forward(
     (z_new, logits, flat.len())
 }
 
+/// Why a step changed no weight.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    NonFinite(#[from] NonFinite),
+    #[error(transparent)]
+    PatchRead(#[from] PatchReadError),
+}
+
 /// One outer step at learning rate `lr`. With `reuse`, the fill pass takes those cells from the
 /// latent store (`reuse_steps`: their writer steps, B x K) instead of encoding them. A loss or
 /// gradient that is not finite stops the step with an error before any weight changes.
@@ -145,7 +155,7 @@ pub fn outer_step(
     plan: &StepPlan,
     fill_chunk: i64,
     reuse: Option<(&Reuse, &[u64])>,
-) -> Result<StepOutcome, NonFinite> {
+) -> Result<StepOutcome, StepError> {
     let b = batch.batch_size();
     let k = batch.cells();
     let (mut z, encoded) = fill(
@@ -186,6 +196,8 @@ pub fn outer_step(
         (loss * (opt.loss_scale() / plan.group_size[j] as f64)).backward();
         patch_passes += encoded;
         if plan.step_after[j] {
+            // A patch that did not come back from its spool file must not shape a weight.
+            batch.check_reads()?;
             if opt.step(lr)? {
                 steps += 1;
             }
@@ -197,8 +209,9 @@ pub fn outer_step(
     let loss = loss_sum.double_value(&[]) / plan.chunks.len() as f64;
     // Under loss scaling, a loss that overflowed made the scaler skip the step: its one exception.
     if !loss.is_finite() && opt.scaler.is_none() {
-        return Err(NonFinite("the loss".into()));
+        return Err(NonFinite("the loss".into()).into());
     }
+    batch.check_reads()?;
     Ok(StepOutcome {
         loss,
         logits: last_logits.expect("a plan has at least one chunk"),

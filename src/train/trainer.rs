@@ -9,9 +9,10 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 
+use super::batch::PatchReadError;
 use super::gd::{gd_predict, gd_step};
 use super::optim::{Adam, NonFinite};
-use super::patchgd::{GridBatch, Reuse, correct, outer_step, predict};
+use super::patchgd::{GridBatch, Reuse, StepError, correct, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
 use crate::model::{Method, Model};
 use crate::patch::{ImageAssembler, ImagePatches, SpoolPolicy};
@@ -56,6 +57,15 @@ pub struct NonFiniteError {
     /// The run's training step (1-based) being taken; in evaluation, the last one taken.
     pub step: u64,
     pub images: Vec<String>,
+}
+
+/// Why a pass stopped: a value that is not finite, or a patch that could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    NonFinite(#[from] NonFiniteError),
+    #[error(transparent)]
+    PatchRead(#[from] PatchReadError),
 }
 
 /// What one training mini-batch did.
@@ -167,6 +177,13 @@ impl Trainer {
     }
 
     /// The first weight or BatchNorm statistic that is not finite, if any (one read for all).
+    fn step_error(&self, e: StepError, images: &[ImagePatches]) -> TrainError {
+        match e {
+            StepError::NonFinite(what) => self.non_finite(what, Phase::Train, images).into(),
+            StepError::PatchRead(e) => e.into(),
+        }
+    }
+
     fn check_weights(&self) -> Result<(), NonFinite> {
         let vars = self.model.named_tensors();
         let tensors: Vec<Tensor> = vars.iter().map(|(_, t)| t.shallow_clone()).collect();
@@ -268,7 +285,7 @@ impl Trainer {
 
     /// One training step on a mini-batch. A loss, gradient, weight or BatchNorm statistic that
     /// is not finite afterwards is an error (the f16 loss scaler's skipped steps excepted).
-    pub fn train_batch(&mut self, images: &[ImagePatches]) -> Result<TrainedBatch, NonFiniteError> {
+    pub fn train_batch(&mut self, images: &[ImagePatches]) -> Result<TrainedBatch, TrainError> {
         let batch = self.to_batch(images);
         self.train_on(images, &batch)
     }
@@ -279,7 +296,7 @@ impl Trainer {
         &mut self,
         images: &[ImagePatches],
         batch: &GridBatch,
-    ) -> Result<TrainedBatch, NonFiniteError> {
+    ) -> Result<TrainedBatch, TrainError> {
         // Dropout masks start from (seed, step): a resumed run draws exactly what the
         // original did, with no generator state to save.
         self.model.reseed_dropout(Rng::derive(
@@ -306,7 +323,7 @@ impl Trainer {
                     self.config.fill_chunk,
                     reuse.as_ref().map(|(r, s)| (r, s.as_slice())),
                 )
-                .map_err(|e| self.non_finite(e, Phase::Train, images))?;
+                .map_err(|e| self.step_error(e, images))?;
                 self.store_latents(images, &outcome.z, &outcome.cell_steps);
                 (
                     outcome.loss,
@@ -317,7 +334,7 @@ impl Trainer {
             }
             Method::Gd => {
                 let o = gd_step(&self.model, &mut self.optimizer, lr, batch)
-                    .map_err(|e| self.non_finite(e, Phase::Train, images))?;
+                    .map_err(|e| self.step_error(e, images))?;
                 (o.loss, o.logits, o.patch_passes, o.optimizer_steps)
             }
         };
@@ -346,7 +363,7 @@ impl Trainer {
     pub fn predict_batch(
         &mut self,
         images: &[ImagePatches],
-    ) -> Result<(f64, Vec<Prediction>, usize), NonFiniteError> {
+    ) -> Result<(f64, Vec<Prediction>, usize), TrainError> {
         let batch = self.to_batch(images);
         let logits = match self.model.spec.method {
             Method::Patchgd => {
@@ -358,6 +375,7 @@ impl Trainer {
             }
             Method::Gd => gd_predict(&self.model, &batch),
         };
+        batch.check_reads()?;
         super::optim::all_finite(std::slice::from_ref(&logits)).map_err(|_| {
             self.non_finite(NonFinite("a prediction".into()), Phase::Evaluate, images)
         })?;
@@ -398,8 +416,8 @@ impl Trainer {
     /// is called with the number of images accounted for so far (used + failed). In training,
     /// `at_step` is called at every outer-step boundary where no image is half-consumed: every
     /// image before it is in `out` (used or failed), none after it has started. A value that is
-    /// not finite stops the pass with [`NonFiniteError`].
-    pub fn run_pass<E: From<NonFiniteError>>(
+    /// not finite, or a spooled patch that cannot be read back, stops the pass ([`TrainError`]).
+    pub fn run_pass<E: From<TrainError>>(
         &mut self,
         phase: Phase,
         mut rx: mpsc::Receiver<SourceItem>,

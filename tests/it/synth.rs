@@ -104,6 +104,7 @@ fn mnist_idx_digits_are_used_when_given() {
     assert!(
         MnistDigits::parse(&images[..100], &labels)
             .unwrap_err()
+            .to_string()
             .contains("truncated")
     );
 }

@@ -394,6 +394,12 @@ fn a_pipeline_trains_on_a_tiff_pyramid_level_and_reports_the_broken_file() {
         .unwrap();
     rt.block_on(loc.put("images/train/broken.tif", first.slice(..100)))
         .unwrap();
+    // A PNG beside a TIFF of the same name: both would be image 'train/000001'.
+    rt.block_on(loc.put(
+        "images/train/000001.png",
+        patchgd::source::decode::encode_png(8, 8, 1, &[0; 64]),
+    ))
+    .unwrap();
     let mut labels = String::from_utf8(
         rt.block_on(loc.get_relative("labels.csv"))
             .unwrap()
@@ -418,23 +424,34 @@ fn a_pipeline_trains_on_a_tiff_pyramid_level_and_reports_the_broken_file() {
         "  size: 64\n  foreground: {background: dark, threshold: 32, min_fraction: 0.01}",
     );
     let s = run(&Definition::from_yaml(&yaml, "t.yaml").unwrap(), false).unwrap();
-    assert_eq!((s.images_seen, s.images_used, s.images_failed), (9, 8, 1));
+    // Every object is accounted for: the two sharing an id are both failures, named apart.
+    assert_eq!((s.images_seen, s.images_used, s.images_failed), (10, 7, 3));
+    assert_eq!(s.images_seen, s.images_used + s.images_failed);
     let errors = rt.block_on(crate::common::read_parquet(
         &Location::parse(&out).unwrap(),
         "errors.parquet",
     ));
-    let col = |name: &str| {
-        errors[0]
+    let column = |name: &str| -> Vec<String> {
+        let a = errors[0]
             .column_by_name(name)
             .unwrap()
             .as_any()
             .downcast_ref::<arrow::array::StringArray>()
-            .unwrap()
-            .value(0)
-            .to_string()
+            .unwrap();
+        (0..a.len()).map(|i| a.value(i).to_string()).collect()
     };
-    assert_eq!(col("image_id"), "train/broken");
-    assert!(col("message").contains("truncated"), "{}", col("message"));
+    let ids = column("image_id");
+    let messages = column("message");
+    let message = |id: &str| &messages[ids.iter().position(|i| i == id).unwrap()];
+    assert!(message("train/broken").contains("truncated"));
+    for id in ["train/000001.png", "train/000001.tif"] {
+        let m = message(id);
+        assert!(
+            m.contains("'train/000001.png'") && m.contains("'train/000001.tif'"),
+            "{id}: {m}"
+        );
+    }
+    assert_eq!(ids.len(), 3, "{ids:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,4 +521,115 @@ async fn segments_of_a_grid_row_reassemble_into_the_same_image_as_whole_rows() {
         &images[0].pixels.memory().unwrap()[(7 * 15 + 11) * 1600..(7 * 15 + 12) * 1600],
         &cell(7, 11)[..]
     );
+}
+
+/// A little-endian classic TIFF with one directory: `entries` are (tag, type, count, value or
+/// offset); `tail` is appended after the directory, at the offset this returns first.
+fn classic_tiff(entries: &[(u16, u16, u32, u32)], tail: &[u8]) -> (Vec<u8>, u32) {
+    let tail_at = 8 + 2 + 12 * entries.len() as u32 + 4;
+    let mut b = b"II*\0".to_vec();
+    b.extend(8u32.to_le_bytes());
+    b.extend((entries.len() as u16).to_le_bytes());
+    for &(tag, kind, count, value) in entries {
+        b.extend(tag.to_le_bytes());
+        b.extend(kind.to_le_bytes());
+        b.extend(count.to_le_bytes());
+        b.extend(value.to_le_bytes());
+    }
+    b.extend(0u32.to_le_bytes());
+    b.extend(tail);
+    (b, tail_at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_allocated() {
+    const LONG: u16 = 4;
+    let root = memory_url("tiff-declared");
+    let out = Location::parse(&root).unwrap();
+    // 86 bytes claiming a 1,000,000 px square in one uncompressed strip: 10^12 bytes to decode.
+    let (strip, _) = classic_tiff(
+        &[
+            (256, LONG, 1, 1_000_000),
+            (257, LONG, 1, 1_000_000),
+            (258, 3, 1, 8),
+            (273, LONG, 1, 8),
+            (279, LONG, 1, 1),
+        ],
+        &[],
+    );
+    assert!(strip.len() < 100);
+    // 200,000 px square in 4096 px tiles (2401 of them, every offset given): 4 x 10^10 pixels.
+    let tiles = 49 * 49;
+    let tail_len = 8 * tiles as usize;
+    let entries = |tail_at: u32| {
+        vec![
+            (256, LONG, 1, 200_000),
+            (257, LONG, 1, 200_000),
+            (258, 3, 1, 8),
+            (322, LONG, 1, 4096),
+            (323, LONG, 1, 4096),
+            (324, LONG, tiles, tail_at),
+            (325, LONG, tiles, tail_at + 4 * tiles),
+        ]
+    };
+    let (_, tail_at) = classic_tiff(&entries(0), &[]);
+    let tail: Vec<u8> = (0..2 * tiles).flat_map(|_| 8u32.to_le_bytes()).collect();
+    let (huge, _) = classic_tiff(&entries(tail_at), &tail);
+    assert_eq!(huge.len(), tail_at as usize + tail_len);
+    // BigTIFF whose first directory lies at the very end of the 64-bit range: the offset
+    // arithmetic must not overflow.
+    let mut far = b"II+\0".to_vec();
+    far.extend(8u16.to_le_bytes());
+    far.extend(0u16.to_le_bytes());
+    far.extend((u64::MAX - 3).to_le_bytes());
+    let files = [
+        ("strip.tif", strip, "at most 256 MiB is decoded at once"),
+        (
+            "huge.tif",
+            huge,
+            "declares 200000 x 200000 pixels, more than the 17179869184",
+        ),
+        ("far.tif", far, "overflows"),
+    ];
+    let mut labels = String::from("image_id,label,split\n");
+    for (name, bytes, _) in &files {
+        out.put(&format!("images/{name}"), bytes.clone())
+            .await
+            .unwrap();
+        labels.push_str(&format!("{},0,train\n", name.trim_end_matches(".tif")));
+    }
+    out.put("labels.csv", labels).await.unwrap();
+    let images = Location::parse(&format!("{root}/images")).unwrap();
+    let catalog = Catalog::load(&images, &format!("{root}/labels.csv"), &Default::default())
+        .await
+        .unwrap();
+    for read in [
+        patchgd::source::stream::Read::Geometry,
+        patchgd::source::stream::Read::Pixels,
+    ] {
+        let mut config = StreamConfig::new(256, 1);
+        config.read = read;
+        let mut rx = stream_images(images.clone(), catalog.split(Split::Train), config);
+        let mut failures = Vec::new();
+        while let Some(item) = rx.recv().await {
+            match item {
+                patchgd::source::SourceItem::Failed(f) => failures.push(f),
+                patchgd::source::SourceItem::Batch(b) => {
+                    panic!(
+                        "{read:?}: a band of {} rows came through",
+                        b.batch.num_rows()
+                    )
+                }
+            }
+        }
+        for (name, _, words) in &files {
+            let id = name.trim_end_matches(".tif");
+            let f = failures
+                .iter()
+                .find(|f| f.image_id == id)
+                .unwrap_or_else(|| panic!("{read:?}: no failure for {id}: {failures:?}"));
+            assert!(f.message.contains(words), "{read:?} {id}: {}", f.message);
+        }
+        assert_eq!(failures.len(), files.len(), "{failures:?}");
+    }
 }

@@ -281,7 +281,8 @@ fn a_run_that_diverges_stops_with_an_error_naming_where_and_writes_no_nan() {
     .unwrap();
     let err = run(&def, false).unwrap_err();
     let message = err.to_string();
-    let patchgd::pipeline::runner::RunError::NonFinite(e) = &err else {
+    let patchgd::pipeline::runner::RunError::Train(patchgd::train::TrainError::NonFinite(e)) = &err
+    else {
         panic!("expected a non-finite error, got: {message}");
     };
     assert_eq!(e.epoch, 1, "{message}");

@@ -11,9 +11,25 @@ use zune_core::options::DecoderOptions;
 use super::{Directory, Result, TiffError, TiffFile, compression_name};
 use crate::storage::Location;
 
+/// The most bytes one tile or strip may decode to. Sizes come from the file, so they are
+/// checked before anything is allocated: a few bytes may claim a strip of a terabyte.
+pub const MAX_CHUNK_BYTES: u64 = 256 << 20;
+
 /// Refuse what this reader cannot decode, before any pixel is fetched; the message says which.
 pub fn check_supported(dir: &Directory) -> Result<()> {
     let unsupported = |m: String| Err(TiffError::Unsupported(m));
+    let chunk_bytes = dir.chunk_width as u64 * dir.chunk_height as u64 * dir.samples.max(1) as u64;
+    if chunk_bytes > MAX_CHUNK_BYTES {
+        return unsupported(format!(
+            "directory {} stores {} x {} pixel {} of {} MiB each; at most {} MiB is decoded at once",
+            dir.index,
+            dir.chunk_width,
+            dir.chunk_height,
+            if dir.tiled { "tiles" } else { "strips" },
+            chunk_bytes >> 20,
+            MAX_CHUNK_BYTES >> 20
+        ));
+    }
     if !matches!(dir.compression, 1 | 5 | 7 | 8 | 32946) {
         return unsupported(format!(
             "compression {} in directory {}; supported: none, LZW, Deflate, JPEG",
@@ -86,7 +102,8 @@ pub fn decode_chunk(dir: &Directory, level: usize, index: usize, data: &[u8]) ->
         }
         // Larger than the chunk (padded strips): keep the chunk's part.
         let mut out = vec![0u8; width * rows * samples];
-        for y in 0..rows {
+        // A tile past the level's edge may be stored cropped: its rows beyond `h` stay zero.
+        for y in 0..rows.min(h) {
             let n = width.min(w) * samples;
             out[y * width * samples..y * width * samples + n]
                 .copy_from_slice(&pixels[y * w * samples..y * w * samples + n]);
@@ -102,12 +119,12 @@ pub fn decode_chunk(dir: &Directory, level: usize, index: usize, data: &[u8]) ->
     let expected = width * rows * samples;
     let mut raw = match dir.compression {
         1 => data.to_vec(),
-        5 => weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8)
-            .decode(data)
-            .map_err(|e| err(format!("LZW: {e}")))?,
+        5 => lzw_at_most(data, expected).map_err(err)?,
         8 | 32946 => {
+            // No more than the chunk holds: a few bytes of Deflate can expand a thousandfold.
             let mut out = Vec::with_capacity(expected);
             flate2::read::ZlibDecoder::new(data)
+                .take(expected as u64)
                 .read_to_end(&mut out)
                 .map_err(|e| err(format!("Deflate: {e}")))?;
             out
@@ -144,6 +161,26 @@ pub fn decode_chunk(dir: &Directory, level: usize, index: usize, data: &[u8]) ->
     })
 }
 
+/// Decode TIFF LZW into at most `limit` bytes (the chunk's size), however far the codes would
+/// expand. A stream without an end code ends where its bytes do, as libtiff reads it.
+fn lzw_at_most(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    let mut decoder = weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8);
+    let mut out = vec![0u8; limit];
+    let (mut read, mut written) = (0, 0);
+    while written < limit {
+        let step = decoder.decode_bytes(&data[read..], &mut out[written..]);
+        read += step.consumed_in;
+        written += step.consumed_out;
+        match step.status {
+            Ok(weezl::LzwStatus::Ok) if step.consumed_in + step.consumed_out > 0 => {}
+            Ok(_) => break,
+            Err(e) => return Err(format!("LZW: {e}")),
+        }
+    }
+    out.truncate(written);
+    Ok(out)
+}
+
 /// Decode a JPEG tile or strip, with the directory's shared tables spliced in. Returns
 /// (pixels, width, height, samples) with 1 sample for grey, 3 for colour.
 fn decode_jpeg(dir: &Directory, data: &[u8]) -> Result<(Vec<u8>, usize, usize, usize), String> {
@@ -173,8 +210,10 @@ fn decode_jpeg(dir: &Directory, data: &[u8]) -> Result<(Vec<u8>, usize, usize, u
         } else {
             ColorSpace::Luma
         })
-        .set_max_width(1 << 20)
-        .set_max_height(1 << 20);
+        // The chunk's size and some padding (strips are stored whole MCUs high): a header
+        // that claims more is refused before its pixels are allocated.
+        .set_max_width(dir.chunk_width as usize + 64)
+        .set_max_height(dir.chunk_height as usize + 64);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&stream), options);
     let pixels = decoder.decode().map_err(|e| format!("JPEG: {e:?}"))?;
     let info = decoder.info().ok_or("JPEG: no frame header")?;

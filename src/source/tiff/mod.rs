@@ -294,7 +294,17 @@ impl RangeReader<'_> {
         if range.end <= self.head.len() as u64 {
             return Ok(self.head.slice(range.start as usize..range.end as usize));
         }
-        Ok(self.loc.get_range(self.path, range).await?)
+        let bytes = self.loc.get_range(self.path, range.clone()).await?;
+        if bytes.len() as u64 != range.end - range.start {
+            // A store that answers a range short: as good as a truncated object.
+            return Err(TiffError::Truncated {
+                what: format!("{what} ({} bytes came back)", bytes.len()),
+                start: range.start,
+                end: range.end,
+                size: self.size,
+            });
+        }
+        Ok(bytes)
     }
 }
 
@@ -357,17 +367,17 @@ struct Entry {
 }
 
 impl Entry {
+    /// The entry's integers; a value whose bytes came back short yields only the whole ones.
     fn numbers(&self, bo: ByteOrder) -> Vec<u64> {
         let n = self.count as usize;
+        let each = |size: usize, f: &dyn Fn(&[u8]) -> u64| -> Vec<u64> {
+            self.bytes.chunks_exact(size).take(n).map(f).collect()
+        };
         match self.kind {
-            1 | 6 | 7 => self.bytes[..n].iter().map(|&b| b as u64).collect(),
-            3 | 8 => (0..n)
-                .map(|i| bo.u16(&self.bytes[i * 2..]) as u64)
-                .collect(),
-            4 | 9 | 13 => (0..n)
-                .map(|i| bo.u32(&self.bytes[i * 4..]) as u64)
-                .collect(),
-            16 | 17 | 18 => (0..n).map(|i| bo.u64(&self.bytes[i * 8..])).collect(),
+            1 | 6 | 7 => each(1, &|b| b[0] as u64),
+            3 | 8 => each(2, &|b| bo.u16(b) as u64),
+            4 | 9 | 13 => each(4, &|b| bo.u32(b) as u64),
+            16 | 17 | 18 => each(8, &|b| bo.u64(b)),
             _ => Vec::new(),
         }
     }
@@ -386,7 +396,12 @@ async fn read_directory(
     } else {
         (2, 12, 4, 4)
     };
-    let c = reader.read(offset..offset + count_len, &what).await?;
+    let end = |start: u64, len: u64| {
+        start.checked_add(len).ok_or_else(|| {
+            TiffError::Malformed(format!("{what} at offset {start}: length {len} overflows"))
+        })
+    };
+    let c = reader.read(offset..end(offset, count_len)?, &what).await?;
     let count = if bigtiff {
         bo.u64(&c)
     } else {
@@ -397,9 +412,12 @@ async fn read_directory(
             "directory {index} at offset {offset} claims {count} entries"
         )));
     }
-    let body_start = offset + count_len;
+    let body_start = end(offset, count_len)?;
     let body = reader
-        .read(body_start..body_start + count * entry_len + next_len, &what)
+        .read(
+            body_start..end(body_start, count * entry_len + next_len)?,
+            &what,
+        )
         .await?;
     let mut entries = Vec::new();
     let mut remote = Vec::new();
@@ -434,7 +452,7 @@ async fn read_directory(
             } else {
                 bo.u32(value) as u64
             };
-            let range = at..at.saturating_add(size);
+            let range = at..end(at, size)?;
             reader.check(&range, &format!("{what} tag {tag}"))?;
             remote.push((tag, kind, n, range));
         }
@@ -469,14 +487,22 @@ async fn read_directory(
     let required = |tag: u16, name: &str| {
         number(tag).ok_or_else(|| TiffError::Malformed(format!("directory {index} has no {name}")))
     };
-    let width = required(IMAGE_WIDTH, "ImageWidth")? as u32;
-    let height = required(IMAGE_LENGTH, "ImageLength")? as u32;
+    let dimension = |tag: u16, name: &str| {
+        let v = required(tag, name)?;
+        u32::try_from(v).map_err(|_| {
+            TiffError::Malformed(format!(
+                "directory {index}: {name} {v} is not a 32-bit size"
+            ))
+        })
+    };
+    let width = dimension(IMAGE_WIDTH, "ImageWidth")?;
+    let height = dimension(IMAGE_LENGTH, "ImageLength")?;
     let samples = number(SAMPLES_PER_PIXEL).unwrap_or(1) as u16;
     let tiled = get(TILE_OFFSETS).is_some();
     let (chunk_width, chunk_height, offsets, counts) = if tiled {
         (
-            required(TILE_WIDTH, "TileWidth")? as u32,
-            required(TILE_LENGTH, "TileLength")? as u32,
+            dimension(TILE_WIDTH, "TileWidth")?,
+            dimension(TILE_LENGTH, "TileLength")?,
             get(TILE_OFFSETS).map(|e| e.numbers(bo)).unwrap_or_default(),
             get(TILE_BYTE_COUNTS)
                 .map(|e| e.numbers(bo))
@@ -534,12 +560,12 @@ async fn read_directory(
             "directory {index} has a zero tile or strip size"
         )));
     }
-    let expected = dir.chunks_across() * dir.chunks_down();
-    let expected = if dir.planar == 2 {
-        expected * samples as usize
-    } else {
-        expected
-    };
+    let planes = if dir.planar == 2 { samples as usize } else { 1 };
+    let expected = dir
+        .chunks_across()
+        .checked_mul(dir.chunks_down())
+        .and_then(|n| n.checked_mul(planes))
+        .unwrap_or(usize::MAX);
     if dir.offsets.len() < expected || dir.byte_counts.len() < expected {
         return Err(TiffError::Malformed(format!(
             "directory {index}: {} offsets and {} byte counts for {expected} tiles or strips",
