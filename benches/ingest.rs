@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use bytes::Bytes;
-use patchgd::patch::batch::{ImageKey, band_batch};
 use patchgd::patch::{Foreground, Grid, Raster};
+use patchgd::patch::{ImageKey, band_batch};
 use patchgd::source::decode::decode;
 use patchgd::source::tiff::chunk::{Region, assemble_region, fetch_region};
 use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};

@@ -25,6 +25,7 @@
 //! model, method (`patchgd` or the `gd` baseline) and training parameters;
 //! [`pipeline::run`] runs it. [`synth`] generates the UltraMNIST benchmark.
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod model;
 pub mod patch;
@@ -36,5 +37,6 @@ pub mod sql;
 pub mod state;
 pub mod storage;
 pub mod synth;
+#[cfg(feature = "cli")]
 pub mod testkit;
 pub mod train;

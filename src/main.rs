@@ -1,6 +1,12 @@
 //! The `patchgd` command line: `run` a pipeline definition, `synth` a data set, `inspect` images.
 
+/// The command line's own modules (the library has none of this).
+mod cli {
+    pub mod progress;
+}
+
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -426,6 +432,13 @@ fn synth(args: UltramnistArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The library reports through `tracing`: warnings and notes go to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_max_level(tracing::Level::INFO)
+        .init();
     match cli.command {
         Command::Run {
             pipeline,
@@ -441,13 +454,16 @@ fn main() -> Result<()> {
                 &pipeline.display().to_string(),
                 &overrides,
             )?;
+            let progress = Arc::new(cli::progress::Progress::new(!no_progress));
             let summary = run_with(
                 &def,
                 &RunOptions {
-                    show_progress: !no_progress,
                     fresh,
+                    observer: Some(progress.clone()),
                 },
-            )?;
+            );
+            progress.finish();
+            let summary = summary?;
             println!(
                 "{}: validation accuracy {:.3} (QWK {:.3}) after {} epoch{}; images seen {} = used {} + failed {}{}; {:.1} s; results in {}",
                 summary.name,

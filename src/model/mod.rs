@@ -6,17 +6,17 @@ pub mod head;
 pub mod init;
 pub mod mobilenet;
 pub mod norm;
+pub mod precision;
 pub mod resnet;
 
 pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
+pub use precision::Precision;
 
 use std::collections::BTreeMap;
 
 use tch::nn;
 use tch::{Device, Kind, Tensor};
-
-use crate::train::Precision;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

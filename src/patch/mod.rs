@@ -1,13 +1,24 @@
-//! Patches: grid geometry, and patch rows as Arrow record batches (schema in
-//! `schemas/patches.md`).
+//! Patches: grid geometry, cutting patches from decoded pixels with their statistics, patch
+//! rows as Arrow record batches, and their reassembly into whole images for the trainer.
+//!
+//! Imports run one way: `grid` ← `raster` ← `encode` (with `schema`, `stats`); `assemble`
+//! needs only `schema` and `spool`.
 
-pub mod batch;
+pub mod assemble;
+pub mod encode;
 pub mod grid;
+pub mod raster;
+pub mod schema;
 pub mod spool;
+pub mod stats;
 
-pub use batch::{Foreground, ImageAssembler, ImagePatches, Raster, patch_schema};
+pub use assemble::{ImageAssembler, ImagePatches};
+pub use encode::{Cut, band_batch, segment_batch};
 pub use grid::Grid;
+pub use raster::{Raster, copy_patch};
+pub use schema::{ImageKey, patch_schema};
 pub use spool::{PatchPixels, Spool, SpoolPolicy};
+pub use stats::{Foreground, patch_stats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {

@@ -1,7 +1,13 @@
-//! Pipelines: the definition a user writes, and the runner that wires every other module.
+//! Pipelines: the definition a user writes, and the runner that wires every other module, in
+//! stages: prepare ([`prepare`]), start or resume, epochs, outputs ([`runner`]); the
+//! checkpoint payload ([`checkpoint`]) and progress reports ([`observer`]).
 
+pub mod checkpoint;
 pub mod definition;
+pub mod observer;
+pub mod prepare;
 pub mod runner;
 
 pub use definition::{Definition, DefinitionError};
+pub use observer::{LogObserver, RunObserver};
 pub use runner::{RunError, RunOptions, RunSummary, run, run_with};

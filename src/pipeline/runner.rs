@@ -1,26 +1,34 @@
-//! The runner wires the stages: catalog → per epoch, a source stream for train then val →
-//! trainer → sinks. The trainer runs on the calling thread (all tch work on one OS thread);
-//! the source and the object store writes run on a tokio runtime in the background.
+//! The runner: a run as a short sequence of stages, each a function of its own:
+//!
+//! 1. [`prepare`](super::prepare::prepare): list and label the images, `select:`, classes;
+//! 2. [`start_or_resume`]: build the trainer, or restore it from the newest checkpoint;
+//! 3. [`run_epoch`], once per epoch: a training pass (checkpointed every `every_steps`), an
+//!    evaluation pass, the epoch's metrics;
+//! 4. [`write_outputs`]: the final checkpoint, predictions, errors, weights, plot, summary.
+//!
+//! The trainer runs on the calling thread (all tch work on one OS thread); the source and the
+//! object store writes run on a tokio runtime in the background.
 
 use std::collections::BTreeSet;
-use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::Device;
+use tokio::runtime::Runtime;
 
+use super::checkpoint::{EpochPosition, Ledger, TrainingState, restore, save};
 use super::definition::{Definition, DeviceChoice, OnError};
+use super::observer::{LogObserver, RunObserver};
+use super::prepare::{Prepared, prepare};
 use crate::model::{Method, Model, ModelSpec};
 use crate::patch::SpoolPolicy;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
-use crate::source::{Catalog, Failure, Split, stream_images};
+use crate::source::{Failure, stream_images};
 use crate::state::LatentStore;
 use crate::state::checkpoint::{self, CheckpointError};
-use crate::state::resume::{TrainingState, inexact_change};
-use crate::storage::Location;
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
 use crate::train::{LossScaler, Precision};
 use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
@@ -33,104 +41,50 @@ pub enum RunError {
     Storage(#[from] crate::storage::StorageError),
     #[error("{0}")]
     Data(String),
+    #[error("select: {0}")]
+    Select(#[source] datafusion::error::DataFusionError),
     #[error("device: {0}")]
     Device(String),
-    #[error("cannot write {what}: {reason}")]
-    Write { what: String, reason: String },
+    #[error("cannot write {what}: {source}")]
+    Write {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error("cannot resume: {0}")]
     Resume(String),
+    #[error("cannot resume from checkpoint file {name}: {source}")]
+    ResumeFile {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("latent store: {0}")]
+    Latents(#[from] crate::state::latent::LatentError),
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    #[error("cannot start the runtime for the source and stores: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// How to run beyond what the pipeline file says.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
-    /// Draw a progress bar when stderr is a terminal.
-    pub show_progress: bool,
     /// Delete existing checkpoints and start over instead of resuming.
     pub fresh: bool,
+    /// Who hears about progress; `None` logs through `tracing` ([`LogObserver`]).
+    pub observer: Option<Arc<dyn RunObserver>>,
 }
 
-/// Write one checkpoint: weights, optimizer, latents, then the state, then the manifest; keep
-/// the newest `keep`.
-async fn save(
-    root: &Location,
-    trainer: &Trainer,
-    state: &TrainingState,
-    keep: usize,
-) -> Result<(), RunError> {
-    let write_err = |what: &str, e: String| RunError::Write {
-        what: format!("checkpoint {what}"),
-        reason: e,
-    };
-    let model = weights::safetensors_bytes(&trainer.model.named_tensors())
-        .map_err(|e| write_err("weights", e.to_string()))?;
-    let optimizer = weights::safetensors_bytes(&trainer.optimizer.state())
-        .map_err(|e| write_err("optimizer", e.to_string()))?;
-    // YAML, not JSON: its floats round-trip exactly (shortest repr out, correctly rounded in),
-    // and NaN (a loss over no images) is representable.
-    let yaml = serde_norway::to_string(state).expect("state to YAML");
-    let mut w = checkpoint::Writer::begin(root, state.optimizer_steps as u64).await?;
-    w.put("model.safetensors", model.into()).await?;
-    w.put("optimizer.safetensors", optimizer.into()).await?;
-    w.put_pieces("latents.arrow", trainer.latents.snapshot())
-        .await?;
-    w.put("state.yaml", yaml.into_bytes().into()).await?;
-    w.finish().await?;
-    checkpoint::prune(root, keep).await?;
-    Ok(())
-}
-
-/// Load a checkpoint into the trainer; refuse it when the pipeline changed in a way that would
-/// make the resumed run differ from an uninterrupted one.
-fn restore(
-    trainer: &mut Trainer,
-    loaded: &checkpoint::Loaded,
-    def: &Definition,
-) -> Result<TrainingState, RunError> {
-    let missing = |name: &str| {
-        RunError::Resume(format!(
-            "checkpoint step {} has no {name}",
-            loaded.manifest.step
-        ))
-    };
-    let state: TrainingState = serde_norway::from_slice(
-        &loaded
-            .bytes("state.yaml")
-            .ok_or_else(|| missing("state.yaml"))?,
-    )
-    .map_err(|e| RunError::Resume(format!("state.yaml: {e}")))?;
-    if let Some(key) = inexact_change(&state.pipeline, def) {
-        return Err(RunError::Resume(format!(
-            "key '{key}' changed since the checkpoint was written, so the resumed run would differ from an uninterrupted one; restore it, use another output, or start over with --fresh"
-        )));
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("fresh", &self.fresh)
+            .field("observer", &self.observer.as_ref().map(|_| "custom"))
+            .finish()
     }
-    let tensors = |name: &str| {
-        let path = loaded.path(name).ok_or_else(|| missing(name))?;
-        tch::Tensor::read_safetensors(&path).map_err(|e| RunError::Resume(format!("{name}: {e}")))
-    };
-    trainer
-        .restore(
-            &tensors("model.safetensors")?,
-            &tensors("optimizer.safetensors")?,
-            state.optimizer_steps,
-            state.outer_steps,
-            state.rng,
-        )
-        .map_err(RunError::Resume)?;
-    let latents = loaded
-        .path("latents.arrow")
-        .ok_or_else(|| missing("latents.arrow"))?;
-    let file = std::fs::File::open(&latents)
-        .map_err(|e| RunError::Resume(format!("latents.arrow: {e}")))?;
-    trainer
-        .latents
-        .read_snapshot(std::io::BufReader::new(file))
-        .map_err(|e| RunError::Resume(e.to_string()))?;
-    Ok(state)
 }
 
 /// What a run did, written as summary.json and returned to the caller.
@@ -213,8 +167,7 @@ pub fn build_trainer(
         LatentStore::new(
             def.latent.budget_mib << 20,
             def.latent.spill_dir.as_deref().map(std::path::Path::new),
-        )
-        .map_err(|e| RunError::Data(e.to_string()))?,
+        )?,
     );
     if def.train.precision == Precision::F16 {
         trainer.optimizer.scaler = Some(LossScaler::default());
@@ -240,185 +193,102 @@ fn device_name(d: Device) -> String {
     }
 }
 
-struct Progress {
-    bar: Option<ProgressBar>,
+/// Run a pipeline definition to the end, resuming from its newest checkpoint if there is one;
+/// progress goes to `tracing`.
+pub fn run(def: &Definition) -> Result<RunSummary, RunError> {
+    run_with(def, &RunOptions::default())
 }
 
-impl Progress {
-    fn new(enabled: bool, images: usize) -> Self {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(images as u64);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} images {elapsed_precise} {msg}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
-        Self { bar }
-    }
-    fn start(&self, prefix: String, offset: usize) {
-        if let Some(b) = &self.bar {
-            b.set_prefix(prefix);
-            b.set_position(offset as u64);
-        }
-    }
-    fn set(&self, pos: usize) {
-        if let Some(b) = &self.bar {
-            b.set_position(pos as u64);
-        }
-    }
-    /// Progress bar on a terminal, plain log lines otherwise.
-    fn line(&self, text: String) {
-        match &self.bar {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
-        }
-    }
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
-/// Run a pipeline definition to the end, resuming from its newest checkpoint if there is one.
-/// `show_progress` draws a bar when stderr is a terminal.
-pub fn run(def: &Definition, show_progress: bool) -> Result<RunSummary, RunError> {
-    run_with(
-        def,
-        &RunOptions {
-            show_progress,
-            fresh: false,
-        },
-    )
-}
-
-/// [`run`] with options.
+/// [`run`] with options: start over (`fresh`), or report to an observer of your own.
 pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, RunError> {
-    let show_progress = options.show_progress;
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .expect("tokio runtime");
+        .map_err(RunError::Runtime)?;
     let _guard = rt.enter();
-    let images = Location::parse_with(&def.source.images, &def.storage)?;
-    let output = Location::parse_with(&def.output, &def.storage)?;
-    let mut catalog = rt.block_on(Catalog::load(&images, &def.source.labels, &def.storage))?;
-    let mut stream_config = def.stream_config();
-    // `select:` chooses the training set before anything is trained (docs/sql.md).
-    let mut deselected = 0;
-    if let Some(sql) = &def.select {
-        let selection = rt
-            .block_on(crate::sql::select::run(&def.data_set(), sql))
-            .map_err(|e| RunError::Data(format!("select: {e}")))?;
-        let listed: BTreeSet<String> = catalog.images.iter().map(|e| e.image_id.clone()).collect();
-        let failed: BTreeSet<String> = selection
-            .failures
-            .iter()
-            .filter(|f| listed.contains(&f.image_id))
-            .map(|f| f.image_id.clone())
-            .collect();
-        catalog.failures.extend(
-            selection
+    let observer: &dyn RunObserver = match &options.observer {
+        Some(o) => o.as_ref(),
+        None => &LogObserver,
+    };
+    let data = prepare(def, &rt)?;
+    let mut session = start_or_resume(def, &data, options.fresh, &rt, observer)?;
+    for epoch in session.first_epoch()..=def.train.epochs {
+        run_epoch(def, &data, &mut session, epoch, &rt, observer)?;
+    }
+    observer.finished();
+    write_outputs(def, &data, &session, started, &rt)
+}
+
+/// A run in progress: the trainer, what it has accounted for, and where a resumed epoch
+/// continues.
+pub struct Session {
+    pub trainer: Trainer,
+    pub ledger: Ledger,
+    pub device: Device,
+    /// The checkpoint this run resumed from, until its epoch has continued from it.
+    resumed: Option<TrainingState>,
+    /// Optimizer steps at the last checkpoint (`checkpoint.every_steps` counts from there).
+    last_checkpoint_steps: i64,
+}
+
+impl Session {
+    /// The epoch to run next: 1, or the resumed checkpoint's.
+    pub fn first_epoch(&self) -> u64 {
+        self.resumed.as_ref().map_or(1, |s| s.epoch)
+    }
+}
+
+/// Build the trainer the definition describes, then resume it from the newest complete
+/// checkpoint (or delete them all, with `fresh`).
+pub fn start_or_resume(
+    def: &Definition,
+    data: &Prepared,
+    fresh: bool,
+    rt: &Runtime,
+    observer: &dyn RunObserver,
+) -> Result<Session, RunError> {
+    let device = choose_device(def.train.device)?;
+    let trainer = build_trainer(def, data.model_spec(def), device, data.train_set.len())?;
+    observer.note(&data.describe(def, &device_name(device)));
+    let mut session = Session {
+        last_checkpoint_steps: trainer.optimizer.steps,
+        trainer,
+        ledger: Ledger {
+            errors: data
+                .catalog
                 .failures
                 .iter()
-                .filter(|f| listed.contains(&f.image_id))
-                .cloned(),
-        );
-        let before = catalog.images.len();
-        catalog
-            .images
-            .retain(|e| selection.images.contains(&e.image_id) && !failed.contains(&e.image_id));
-        deselected = before - catalog.images.len() - failed.len();
-        // GD reads whole images: a patch selection chooses its images only.
-        if def.method == Method::Patchgd {
-            stream_config.select = selection.cell_selector();
-        }
-    }
-    let train_set = catalog.split(Split::Train);
-    let val_set = catalog.split(Split::Val);
-    if train_set.is_empty() {
-        return Err(RunError::Data(format!(
-            "no labelled training images (split 'train') under '{}'",
-            images.url
-        )));
-    }
-    let classes = def
-        .model
-        .classes
-        .unwrap_or(catalog.implied_classes().max(2) as i64);
-    if let Some(e) = catalog
-        .images
-        .iter()
-        .find(|e| e.label.is_some_and(|l| l >= classes))
-    {
-        return Err(RunError::Data(format!(
-            "image '{}' has label {} but model.classes is {classes}: labels must be 0..{}",
-            e.image_id,
-            e.label.unwrap_or_default(),
-            classes - 1
-        )));
-    }
-    let device = choose_device(def.train.device)?;
-    let spec = ModelSpec {
-        method: def.method,
-        backbone: def.model.backbone,
-        channels: def.source.channels as i64,
-        latent_dim: def.model.latent_dim,
-        head_width: def.model.head_width,
-        head_dropout: def.model.head_dropout,
-        classes,
-    };
-    let mut trainer = build_trainer(def, spec, device, train_set.len())?;
-    let ckpt_root = Location::parse_with(&def.checkpoint_url(), &def.storage)?;
-    let mut errors: Vec<(u64, Failure)> = catalog.failures.iter().map(|f| (0, f.clone())).collect();
-    let mut metrics: Vec<EpochMetrics> = Vec::new();
-    let mut used: BTreeSet<String> = BTreeSet::new();
-    let mut last_eval = PassOutcome::default();
-    let progress = Progress::new(show_progress, train_set.len() + val_set.len());
-    progress.line(format!(
-        "{}: {} on {} — {} train / {} val images, {classes} classes, {} failed at listing, {} labels rows without an image{}{}",
-        def.name,
-        match def.method {
-            Method::Patchgd => "PatchGD",
-            Method::Gd => "GD",
+                .map(|f| (0, f.clone()))
+                .collect(),
+            ..Ledger::default()
         },
-        device_name(device),
-        train_set.len(),
-        val_set.len(),
-        catalog.failures.len(),
-        catalog.labels_without_image.len(),
-        catalog.labels_without_image.first().map_or(String::new(), |id| format!(" (first: '{id}')")),
-        if def.select.is_some() { format!(", {deselected} left out by select:") } else { String::new() }
-    ));
-    // Resume from the newest complete checkpoint, unless asked to start over.
-    let mut resumed: Option<TrainingState> = None;
-    if options.fresh {
-        let n = rt.block_on(checkpoint::delete_all(&ckpt_root))?;
+        device,
+        resumed: None,
+    };
+    let root = &data.checkpoints;
+    if fresh {
+        let n = rt.block_on(checkpoint::delete_all(root))?;
         if n > 0 {
-            progress.line(format!(
+            observer.note(&format!(
                 "--fresh: deleted {n} checkpoint files under {}",
-                ckpt_root.url
+                root.url
             ));
         }
     } else {
-        let (loaded, skipped) = rt.block_on(checkpoint::newest(&ckpt_root))?;
+        let (loaded, skipped) = rt.block_on(checkpoint::newest(root))?;
         for e in &skipped {
-            progress.line(format!("checkpoint not usable, trying an older one: {e}"));
+            observer.note(&format!("checkpoint not usable, trying an older one: {e}"));
         }
         if let Some(loaded) = loaded {
-            let state = restore(&mut trainer, &loaded, def)?;
+            let state = restore(&mut session.trainer, &loaded, def)?;
             let at = format!(
                 "{}/{}",
-                ckpt_root.url,
+                root.url,
                 checkpoint::dir_name(loaded.manifest.step)
             );
-            progress.line(if state.epoch > def.train.epochs {
+            observer.note(&if state.epoch > def.train.epochs {
                 format!("the run already finished ({at}); writing its outputs again (--fresh trains anew)")
             } else {
                 format!(
@@ -426,238 +296,259 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
                     state.optimizer_steps,
                     state.epoch,
                     state.position,
-                    train_set.len()
+                    data.train_set.len()
                 )
             });
-            metrics = state.metrics.clone();
-            errors = state.errors.clone();
-            used = state.used.iter().cloned().collect();
-            last_eval.predictions = state.last_predictions.clone();
-            resumed = Some(state);
+            session.ledger = state.ledger();
+            session.last_checkpoint_steps = session.trainer.optimizer.steps;
+            session.resumed = Some(state);
         }
     }
-    let mut last_checkpoint_steps = trainer.optimizer.steps;
-    let stop_on_error = |errors: &[(u64, Failure)]| -> Result<(), RunError> {
-        match (def.source.on_error, errors.first()) {
-            (OnError::Stop, Some((_, f))) => Err(RunError::Data(format!(
-                "stopping (source.on_error: stop): image '{}' ({}): {}",
-                f.image_id, f.url, f.message
-            ))),
-            _ => Ok(()),
+    stop_on_error(def, &session.ledger.errors)?;
+    Ok(session)
+}
+
+/// With `source.on_error: stop`, the first failure ends the run.
+fn stop_on_error(def: &Definition, errors: &[(u64, Failure)]) -> Result<(), RunError> {
+    match (def.source.on_error, errors.first()) {
+        (OnError::Stop, Some((_, f))) => Err(RunError::Data(format!(
+            "stopping (source.on_error: stop): image '{}' ({}): {}",
+            f.image_id, f.url, f.message
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// One epoch: train on the epoch's seeded order (from where a resumed checkpoint left off,
+/// checkpointing every `checkpoint.every_steps`), evaluate, record and write the metrics.
+pub fn run_epoch(
+    def: &Definition,
+    data: &Prepared,
+    session: &mut Session,
+    epoch: u64,
+    rt: &Runtime,
+    observer: &dyn RunObserver,
+) -> Result<(), RunError> {
+    let mut order = data.train_set.clone();
+    Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
+    let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
+    // A resumed epoch skips the images its checkpoint had accounted for.
+    let (skip, start) = match session.resumed.take() {
+        // (A finished run's state has no order: training longer starts a new epoch.)
+        Some(s) if s.epoch == epoch && !s.epoch_order.is_empty() => {
+            if s.epoch_order != order_ids {
+                return Err(RunError::Resume(format!(
+                    "the training images changed since the checkpoint (epoch {epoch} order differs); start over with --fresh"
+                )));
+            }
+            (s.position, s.pass)
         }
+        _ => (0, PassOutcome::default()),
     };
-    stop_on_error(&errors)?;
-    let first_epoch = resumed.as_ref().map_or(1, |s| s.epoch);
-    for epoch in first_epoch..=def.train.epochs {
-        let mut order = train_set.clone();
-        Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
-        let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
-        // A resumed epoch skips the images its checkpoint had accounted for.
-        let (skip, start) = match resumed.take() {
-            // (A finished run's state has no order: training longer starts a new epoch.)
-            Some(s) if s.epoch == epoch && !s.epoch_order.is_empty() => {
-                if s.epoch_order != order_ids {
-                    return Err(RunError::Resume(format!(
-                        "the training images changed since the checkpoint (epoch {epoch} order differs); start over with --fresh"
-                    )));
-                }
-                (s.position, s.pass)
+    let train_n = data.train_set.len();
+    observer.epoch_started(
+        &format!("epoch {epoch}/{}", def.train.epochs),
+        train_n + data.val_set.len(),
+    );
+    let Session {
+        trainer,
+        ledger,
+        last_checkpoint_steps,
+        ..
+    } = session;
+    trainer.epoch = epoch;
+    let rx = stream_images(
+        data.images.clone(),
+        order[skip..].to_vec(),
+        data.stream.clone(),
+    );
+    let every = def.checkpoint.every_steps as i64;
+    let train = trainer.run_pass(
+        Phase::Train,
+        rx,
+        start,
+        |n| observer.images_done(n),
+        |trainer: &Trainer, pass: &PassOutcome| -> Result<(), RunError> {
+            let steps = trainer.optimizer.steps;
+            if every == 0 || steps / every <= *last_checkpoint_steps / every {
+                return Ok(());
             }
-            _ => (0, PassOutcome::default()),
-        };
-        progress.start(format!("epoch {epoch}/{}", def.train.epochs), 0);
-        trainer.epoch = epoch;
-        let rx = stream_images(
-            images.clone(),
-            order[skip..].to_vec(),
-            stream_config.clone(),
-        );
-        let every = def.checkpoint.every_steps;
-        let train = trainer.run_pass(
-            Phase::Train,
-            rx,
-            start,
-            |n| progress.set(n),
-            |trainer: &Trainer, pass: &PassOutcome| -> Result<(), RunError> {
-                let steps = trainer.optimizer.steps;
-                if every == 0 || steps / every as i64 <= last_checkpoint_steps / every as i64 {
-                    return Ok(());
-                }
-                last_checkpoint_steps = steps;
-                let state = TrainingState {
-                    outer_steps: trainer.outer_steps,
-                    optimizer_steps: steps,
-                    rng: trainer.rng_state(),
-                    epoch,
-                    position: pass.images + pass.failures.len(),
-                    epoch_order: order_ids.clone(),
-                    pass: pass.clone(),
-                    metrics: metrics.clone(),
-                    errors: errors.clone(),
-                    used: used.iter().cloned().collect(),
-                    last_predictions: Vec::new(),
-                    pipeline: def.clone(),
-                };
-                rt.block_on(save(&ckpt_root, trainer, &state, def.checkpoint.keep))
-            },
-        )?;
-        let rx = stream_images(images.clone(), val_set.clone(), stream_config.clone());
-        let eval = trainer.run_pass(
-            Phase::Evaluate,
-            rx,
-            PassOutcome::default(),
-            |n| progress.set(train_set.len() + n),
-            |_, _| Ok::<(), RunError>(()),
-        )?;
-        if epoch == 1 {
-            used.extend(train_set.iter().chain(&val_set).map(|e| e.image_id.clone()));
-            for f in train.failures.iter().chain(&eval.failures) {
-                used.remove(&f.image_id);
-            }
+            *last_checkpoint_steps = steps;
+            let position = EpochPosition {
+                epoch,
+                order: &order_ids,
+                pass,
+            };
+            let state = TrainingState::capture(trainer, ledger, Some(position), def);
+            rt.block_on(save(
+                &data.checkpoints,
+                trainer,
+                &state,
+                def.checkpoint.keep,
+            ))
+        },
+    )?;
+    let rx = stream_images(
+        data.images.clone(),
+        data.val_set.clone(),
+        data.stream.clone(),
+    );
+    let eval = trainer.run_pass(
+        Phase::Evaluate,
+        rx,
+        PassOutcome::default(),
+        |n| observer.images_done(train_n + n),
+        |_, _| Ok::<(), RunError>(()),
+    )?;
+    let failures = train.failures.iter().chain(&eval.failures);
+    if epoch == 1 {
+        let listed = data.train_set.iter().chain(&data.val_set);
+        ledger.used.extend(listed.map(|e| e.image_id.clone()));
+        for f in failures.clone() {
+            ledger.used.remove(&f.image_id);
         }
-        errors.extend(
+    }
+    ledger.errors.extend(failures.map(|f| (epoch, f.clone())));
+    stop_on_error(def, &ledger.errors)?;
+    if train.images == 0 {
+        return Err(RunError::Data(format!(
+            "no training image could be used in epoch {epoch}: {} failed; first: {}",
+            train.failures.len(),
             train
                 .failures
-                .iter()
-                .chain(&eval.failures)
-                .map(|f| (epoch, f.clone())),
-        );
-        stop_on_error(&errors)?;
-        if train.images == 0 {
-            return Err(RunError::Data(format!(
-                "no training image could be used in epoch {epoch}: {} failed; first: {}",
-                train.failures.len(),
-                train
-                    .failures
-                    .first()
-                    .map_or("-".into(), |f| format!("'{}': {}", f.image_id, f.message))
-            )));
-        }
-        let truth: Vec<i64> = eval.predictions.iter().map(|p| p.label).collect();
-        let predicted: Vec<i64> = eval.predictions.iter().map(|p| p.predicted).collect();
-        let row = EpochMetrics {
-            epoch,
-            train_loss: train.loss(),
-            train_accuracy: train.accuracy(),
-            val_loss: eval.loss(),
-            val_accuracy: eval.accuracy(),
-            val_qwk: quadratic_weighted_kappa(&truth, &predicted, classes as usize),
-            lr: trainer
-                .config
-                .schedule
-                .lr(trainer.outer_steps.saturating_sub(1)),
-            optimizer_steps: trainer.optimizer.steps as u64,
-            patches_per_s: train.patch_passes as f64 / train.seconds.max(1e-9),
-            images_per_s: train.images as f64 / train.seconds.max(1e-9),
-            peak_rss_bytes: peak_rss_bytes(),
-            seconds: train.seconds + eval.seconds,
-        };
-        progress.line(format!(
-            "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} qwk {:.3} | {:.0} patches/s, {:.1} images/s | {:.1} s",
-            def.train.epochs,
-            row.train_loss,
-            row.train_accuracy,
-            row.val_loss,
-            row.val_accuracy,
-            row.val_qwk,
-            row.patches_per_s,
-            row.images_per_s,
-            row.seconds
-        ));
-        metrics.push(row);
-        // Written every epoch, so an interrupted run still has its curves so far.
-        let batch = metrics_batch(&metrics);
-        rt.block_on(output.put("metrics.parquet", to_parquet(&batch)))?;
-        rt.block_on(output.put("metrics.csv", to_csv(&batch)))?;
-        last_eval = eval;
+                .first()
+                .map_or("-".into(), |f| format!("'{}': {}", f.image_id, f.message))
+        )));
     }
-    progress.finish();
+    let row = epoch_metrics(epoch, trainer, &train, &eval, data.classes);
+    observer.note(&format!(
+        "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} qwk {:.3} | {:.0} patches/s, {:.1} images/s | {:.1} s",
+        def.train.epochs,
+        row.train_loss,
+        row.train_accuracy,
+        row.val_loss,
+        row.val_accuracy,
+        row.val_qwk,
+        row.patches_per_s,
+        row.images_per_s,
+        row.seconds
+    ));
+    observer.epoch_finished(&row);
+    ledger.metrics.push(row);
+    ledger.last_predictions = eval.predictions;
+    // Written every epoch, so an interrupted run still has its curves so far.
+    let batch = metrics_batch(&ledger.metrics);
+    rt.block_on(data.output.put("metrics.parquet", to_parquet(&batch)))?;
+    rt.block_on(data.output.put("metrics.csv", to_csv(&batch)))?;
+    Ok(())
+}
 
-    let epochs = def.train.epochs;
-    let col = |f: fn(&EpochMetrics) -> f64| metrics.iter().map(f).collect::<Vec<f64>>();
+/// The metrics row of an epoch from its two passes.
+fn epoch_metrics(
+    epoch: u64,
+    trainer: &Trainer,
+    train: &PassOutcome,
+    eval: &PassOutcome,
+    classes: i64,
+) -> EpochMetrics {
+    let truth: Vec<i64> = eval.predictions.iter().map(|p| p.label).collect();
+    let predicted: Vec<i64> = eval.predictions.iter().map(|p| p.predicted).collect();
+    EpochMetrics {
+        epoch,
+        train_loss: train.loss(),
+        train_accuracy: train.accuracy(),
+        val_loss: eval.loss(),
+        val_accuracy: eval.accuracy(),
+        val_qwk: quadratic_weighted_kappa(&truth, &predicted, classes as usize),
+        lr: trainer
+            .config
+            .schedule
+            .lr(trainer.outer_steps.saturating_sub(1)),
+        optimizer_steps: trainer.optimizer.steps as u64,
+        patches_per_s: train.patch_passes as f64 / train.seconds.max(1e-9),
+        images_per_s: train.images as f64 / train.seconds.max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
+        seconds: train.seconds + eval.seconds,
+    }
+}
+
+/// The last stage: the final checkpoint (resuming a finished run only rewrites these outputs),
+/// then predictions, errors, the learning-curve plot, the weights, the pipeline and the summary.
+pub fn write_outputs(
+    def: &Definition,
+    data: &Prepared,
+    session: &Session,
+    started: Instant,
+    rt: &Runtime,
+) -> Result<RunSummary, RunError> {
+    let Session {
+        trainer, ledger, ..
+    } = session;
+    let Some(last) = ledger.metrics.last() else {
+        return Err(RunError::Data("the run has no completed epoch".into()));
+    };
+    let col = |f: fn(&EpochMetrics) -> f64| ledger.metrics.iter().map(f).collect::<Vec<f64>>();
     let png = plot::learning_curves(
         &col(|m| m.train_loss),
         &col(|m| m.val_loss),
         &col(|m| m.train_accuracy),
         &col(|m| m.val_accuracy),
     );
-    let weights = weights::safetensors_bytes(&trainer.model.named_tensors()).map_err(|e| {
-        RunError::Write {
-            what: "weights".into(),
-            reason: e.to_string(),
-        }
-    })?;
-    let failed: BTreeSet<&str> = errors.iter().map(|(_, f)| f.image_id.as_str()).collect();
-    let Some(last) = metrics.last() else {
-        return Err(RunError::Data("the run has no completed epoch".into()));
+    let write_err = |what: &str| {
+        let what = what.to_string();
+        move |e: Box<dyn std::error::Error + Send + Sync>| RunError::Write { what, source: e }
     };
+    let weights = weights::safetensors_bytes(&trainer.model.named_tensors())
+        .map_err(|e| write_err("weights")(e.into()))?;
+    let failed: BTreeSet<&str> = ledger
+        .errors
+        .iter()
+        .map(|(_, f)| f.image_id.as_str())
+        .collect();
     let summary = RunSummary {
         name: def.name.clone(),
         method: def.method,
-        device: device_name(device),
-        classes,
-        epochs,
-        images_seen: catalog.objects,
-        images_used: used.len(),
+        device: device_name(session.device),
+        classes: data.classes,
+        epochs: def.train.epochs,
+        images_seen: data.catalog.objects,
+        images_used: ledger.used.len(),
         images_failed: failed.len(),
-        labels_without_image: catalog.labels_without_image.len(),
-        images_deselected: deselected,
-        train_images: train_set.len(),
-        val_images: val_set.len(),
+        labels_without_image: data.catalog.labels_without_image.len(),
+        images_deselected: data.deselected,
+        train_images: data.train_set.len(),
+        val_images: data.val_set.len(),
         final_val_accuracy: last.val_accuracy,
         final_val_qwk: last.val_qwk,
         final_val_loss: last.val_loss,
         wall_seconds: started.elapsed().as_secs_f64(),
-        output: output.url.clone(),
+        output: data.output.url.clone(),
         latent_cells_reused: trainer.reused_cells,
         images_spooled: trainer.spooled_images,
         latent_images: trainer.latents.len(),
     };
-    // The final checkpoint: the finished run (resuming it only rewrites these outputs).
-    let final_state = TrainingState {
-        outer_steps: trainer.outer_steps,
-        optimizer_steps: trainer.optimizer.steps,
-        rng: trainer.rng_state(),
-        epoch: epochs + 1,
-        position: 0,
-        epoch_order: Vec::new(),
-        pass: PassOutcome::default(),
-        metrics: metrics.clone(),
-        errors: errors.clone(),
-        used: used.iter().cloned().collect(),
-        last_predictions: last_eval.predictions.clone(),
-        pipeline: def.clone(),
-    };
+    let final_state = TrainingState::capture(trainer, ledger, None, def);
     rt.block_on(save(
-        &ckpt_root,
-        &trainer,
+        &data.checkpoints,
+        trainer,
         &final_state,
         def.checkpoint.keep,
     ))?;
+    let pipeline =
+        serde_norway::to_string(def).map_err(|e| write_err("pipeline.yaml")(e.into()))?;
+    let summary_json =
+        serde_json::to_vec_pretty(&summary).map_err(|e| write_err("summary.json")(e.into()))?;
+    let out = &data.output;
     rt.block_on(async {
-        output
-            .put(
-                "predictions.parquet",
-                to_parquet(&predictions_batch(epochs, &last_eval.predictions)),
-            )
+        let predictions = predictions_batch(def.train.epochs, &ledger.last_predictions);
+        out.put("predictions.parquet", to_parquet(&predictions))
             .await?;
-        output
-            .put("errors.parquet", to_parquet(&errors_batch(&errors)))
+        out.put("errors.parquet", to_parquet(&errors_batch(&ledger.errors)))
             .await?;
-        output.put("learning_curves.png", png).await?;
-        output.put("model.safetensors", weights).await?;
-        output
-            .put(
-                "pipeline.yaml",
-                serde_norway::to_string(def).unwrap_or_default(),
-            )
-            .await?;
-        output
-            .put(
-                "summary.json",
-                serde_json::to_vec_pretty(&summary).expect("summary to JSON"),
-            )
-            .await
+        out.put("learning_curves.png", png).await?;
+        out.put("model.safetensors", weights).await?;
+        out.put("pipeline.yaml", pipeline).await?;
+        out.put("summary.json", summary_json).await
     })?;
     Ok(summary)
 }

@@ -19,7 +19,7 @@ use super::decode::decode;
 use super::tiff::chunk::Region;
 use super::tiff::{self, TiffError, TiffFile};
 use super::{Failure, ImageEntry};
-use crate::patch::batch::{Cut, Foreground, ImageKey, Raster, segment_batch};
+use crate::patch::{Cut, Foreground, ImageKey, Raster, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::storage::Location;
 

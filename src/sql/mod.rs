@@ -17,6 +17,7 @@ pub mod images;
 pub mod patches;
 pub mod run;
 pub mod select;
+#[cfg(feature = "cli")]
 pub mod shell;
 
 use std::sync::{Arc, Mutex};

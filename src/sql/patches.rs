@@ -39,7 +39,7 @@ use futures::StreamExt;
 
 use super::images::filter_entries;
 use super::{DataSet, pushdown, reads_only};
-use crate::patch::batch::{Cut, ImageKey, segment_batch};
+use crate::patch::{Cut, ImageKey, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::source::stream::{CellSelector, Read, SourceCounters};
 use crate::source::{Failure, ImageEntry, SourceItem, stream_images};

@@ -16,7 +16,7 @@ use datafusion::error::DataFusionError;
 
 use super::{DataSet, Sources, first_keyword, query, refused_kind, register, session};
 use crate::patch::Grid;
-use crate::patch::batch::ImageKey;
+use crate::patch::ImageKey;
 use crate::source::Failure;
 use crate::source::stream::CellSelector;
 

@@ -1,9 +1,9 @@
-//! State that outlives a step: the latent store (each image's Z) and checkpoints (model,
-//! optimizer, schedule, RNG, source position, latents and metrics), written so that a run
-//! resumes exactly where it stopped.
+//! State that outlives a step, as mechanism only: the latent store (each image's Z, in memory
+//! or spilled) and the checkpoint protocol (files, then a manifest with their checksums) on any
+//! object store. What a pipeline run puts in a checkpoint is `pipeline::checkpoint`'s business;
+//! this module depends on `storage` and Arrow, never on the pipeline.
 
 pub mod checkpoint;
 pub mod latent;
-pub mod resume;
 
 pub use latent::{LatentGrid, LatentStore};

@@ -1,7 +1,7 @@
 //! The PatchGD step itself: Z layout, where gradients flow, and when the optimizer steps.
 
 use patchgd::model::{BackboneKind, Method, Model, ModelSpec};
-use patchgd::patch::batch::{Foreground, ImageKey, Raster, band_batch};
+use patchgd::patch::{Foreground, ImageKey, Raster, band_batch};
 use patchgd::patch::{Grid, ImageAssembler, ImagePatches, SpoolPolicy};
 use patchgd::rng::Rng;
 use patchgd::train::optim::Adam;

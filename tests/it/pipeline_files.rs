@@ -65,7 +65,7 @@ fn patch_larger_than_the_image_is_a_clear_error() {
         "p.yaml",
     )
     .unwrap();
-    let e = run(&def, false).unwrap_err().to_string();
+    let e = run(&def).unwrap_err().to_string();
     assert!(
         e.contains("patch size 64 is larger than the image (32 x 32 px)"),
         "{e}"
@@ -83,7 +83,7 @@ fn missing_labels_are_clear_errors() {
         "p.yaml",
     )
     .unwrap();
-    let e = run(&def, false).unwrap_err().to_string();
+    let e = run(&def).unwrap_err().to_string();
     assert!(
         e.contains("nope.csv") && e.contains("does not exist"),
         "{e}"
@@ -104,7 +104,7 @@ fn missing_labels_are_clear_errors() {
         "p.yaml",
     )
     .unwrap();
-    let e = run(&def, false).unwrap_err().to_string();
+    let e = run(&def).unwrap_err().to_string();
     assert!(
         e.contains("nolabel.csv") && e.contains("no column 'label'"),
         "{e}"
@@ -124,7 +124,7 @@ fn corrupt_and_unlabelled_images_are_reported_counted_and_skipped() {
     let out = format!("{root}/out");
     let def =
         Definition::from_yaml(&pipeline_yaml(&images, &labels, &out, 16, 2, ""), "p.yaml").unwrap();
-    let s = run(&def, false).unwrap();
+    let s = run(&def).unwrap();
     assert_eq!((s.images_seen, s.images_used, s.images_failed), (13, 11, 2));
     assert_eq!(s.images_seen, s.images_used + s.images_failed);
     let batches = rt.block_on(read_parquet(
@@ -161,7 +161,7 @@ fn corrupt_and_unlabelled_images_are_reported_counted_and_skipped() {
     // With on_error: stop the same data ends the run, naming the image.
     let yaml = pipeline_yaml(&images, &labels, &format!("{out}-stop"), 16, 1, "")
         .replace("channels: 1", "channels: 1\n  on_error: stop");
-    let e = run(&Definition::from_yaml(&yaml, "p.yaml").unwrap(), false)
+    let e = run(&Definition::from_yaml(&yaml, "p.yaml").unwrap())
         .unwrap_err()
         .to_string();
     assert!(e.contains("train/extra") || e.contains("train/0003"), "{e}");

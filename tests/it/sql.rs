@@ -94,8 +94,8 @@ fn fixture() -> &'static Fixture {
         let summary = run_with(
             &def,
             &RunOptions {
-                show_progress: false,
                 fresh: true,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -423,7 +423,7 @@ fn a_pipeline_trains_on_a_tiff_pyramid_level_and_reports_the_broken_file() {
         "  size: 64",
         "  size: 64\n  foreground: {background: dark, threshold: 32, min_fraction: 0.01}",
     );
-    let s = run(&Definition::from_yaml(&yaml, "t.yaml").unwrap(), false).unwrap();
+    let s = run(&Definition::from_yaml(&yaml, "t.yaml").unwrap()).unwrap();
     // Every object is accounted for: the two sharing an id are both failures, named apart.
     assert_eq!((s.images_seen, s.images_used, s.images_failed), (10, 7, 3));
     assert_eq!(s.images_seen, s.images_used + s.images_failed);

@@ -1,6 +1,9 @@
 //! End to end: a pipeline file over a generated set, run by the runner, learns.
 
-use patchgd::pipeline::{Definition, run};
+use std::sync::{Arc, Mutex};
+
+use patchgd::pipeline::{Definition, RunObserver, RunOptions, run, run_with};
+use patchgd::sink::EpochMetrics;
 use patchgd::storage::Location;
 
 use crate::common::{memory_url, pipeline_yaml, read_parquet, safetensors_header, square_dataset};
@@ -20,6 +23,34 @@ fn column_f64(batches: &[arrow::record_batch::RecordBatch], name: &str) -> Vec<f
         .collect()
 }
 
+/// Everything a run reports, for the test to compare with what it wrote.
+#[derive(Default)]
+struct Recorder(Mutex<Heard>);
+
+#[derive(Default)]
+struct Heard {
+    notes: Vec<String>,
+    started: Vec<String>,
+    most_images: usize,
+    epochs: Vec<EpochMetrics>,
+}
+
+impl RunObserver for Recorder {
+    fn note(&self, line: &str) {
+        self.0.lock().unwrap().notes.push(line.to_string());
+    }
+    fn epoch_started(&self, label: &str, _images: usize) {
+        self.0.lock().unwrap().started.push(label.to_string());
+    }
+    fn images_done(&self, images: usize) {
+        let mut h = self.0.lock().unwrap();
+        h.most_images = h.most_images.max(images);
+    }
+    fn epoch_finished(&self, metrics: &EpochMetrics) {
+        self.0.lock().unwrap().epochs.push(metrics.clone());
+    }
+}
+
 #[test]
 fn tiny_cnn_lowers_the_loss_and_beats_chance_on_held_out_images() {
     let root = memory_url("training");
@@ -31,11 +62,31 @@ fn tiny_cnn_lowers_the_loss_and_beats_chance_on_held_out_images() {
         "training.yaml",
     )
     .unwrap();
-    let summary = run(&def, false).unwrap();
+    let observer = Arc::new(Recorder::default());
+    let options = RunOptions {
+        observer: Some(observer.clone()),
+        ..Default::default()
+    };
+    let summary = run_with(&def, &options).unwrap();
     let loc = Location::parse(&out).unwrap();
     let metrics = rt.block_on(read_parquet(&loc, "metrics.parquet"));
     let loss = column_f64(&metrics, "train_loss");
     assert_eq!(loss.len(), 6);
+    // The observer heard every epoch, with the metrics the run wrote, and progress up to all
+    // 144 images of each epoch.
+    let seen = observer.0.lock().unwrap();
+    let heard: Vec<f64> = seen.epochs.iter().map(|m| m.train_loss).collect();
+    assert_eq!(heard, loss);
+    assert_eq!(
+        seen.started,
+        (1..=6).map(|e| format!("epoch {e}/6")).collect::<Vec<_>>()
+    );
+    assert_eq!(seen.most_images, 144);
+    assert!(
+        seen.notes[0].contains("96 train / 48 val images"),
+        "{:?}",
+        seen.notes
+    );
     assert!(
         loss[5] < loss[0] * 0.8,
         "training loss did not fall: {loss:?}"
@@ -81,7 +132,7 @@ fn gd_baseline_runs_from_the_same_definition() {
     let def =
         Definition::from_yaml_with_overrides(&yaml, "gd.yaml", &["method=gd", "gd.image_size=32"])
             .unwrap();
-    let summary = run(&def, false).unwrap();
+    let summary = run(&def).unwrap();
     assert_eq!(summary.images_used, 48);
     let weights = rt
         .block_on(
@@ -110,7 +161,7 @@ fn spooled_images_train_to_the_same_weights_as_images_held_in_memory() {
             &[&format!("train.spool_above_mib={spool}")],
         )
         .unwrap();
-        let summary = run(&def, false).unwrap();
+        let summary = run(&def).unwrap();
         // 24 training images x 2 epochs + 8 validation images x 2 evaluations.
         let expected = if spool == "0" { 64 } else { 0 };
         assert_eq!(summary.images_spooled, expected, "{name}");
@@ -134,7 +185,7 @@ fn mixed_precision_on_the_cpu_is_refused_by_name() {
         &["train.precision=f16"],
     )
     .unwrap();
-    let err = run(&def, false).unwrap_err().to_string();
+    let err = run(&def).unwrap_err().to_string();
     assert!(
         err.contains("train.precision f16") && err.contains("cpu"),
         "{err}"
@@ -157,7 +208,7 @@ fn bf16_training_tracks_f32_and_saves_f32_weights() {
             &[&format!("train.precision={precision}")],
         )
         .unwrap();
-        accuracies.push(run(&def, false).unwrap().final_val_accuracy);
+        accuracies.push(run(&def).unwrap().final_val_accuracy);
         let loc = Location::parse(&out).unwrap();
         let metrics = rt.block_on(read_parquet(&loc, "metrics.parquet"));
         losses.push(column_f64(&metrics, "train_loss"));
@@ -248,7 +299,7 @@ fn a_one_cell_image_alone_in_its_batch_leaves_every_batchnorm_finite() {
         "one-cell.yaml",
     )
     .unwrap();
-    let summary = run(&def, false).unwrap();
+    let summary = run(&def).unwrap();
     assert_eq!(summary.images_used, 25);
     assert!(
         summary.final_val_loss.is_finite(),
@@ -279,7 +330,7 @@ fn a_run_that_diverges_stops_with_an_error_naming_where_and_writes_no_nan() {
         ],
     )
     .unwrap();
-    let err = run(&def, false).unwrap_err();
+    let err = run(&def).unwrap_err();
     let message = err.to_string();
     let patchgd::pipeline::runner::RunError::Train(patchgd::train::TrainError::NonFinite(e)) = &err
     else {
