@@ -1,4 +1,4 @@
-//! Link set-up for libtorch (see DESIGN.md, "Decisions already checked on this machine").
+//! Link set-up for libtorch (docs/architecture.md, "Linking libtorch").
 //!
 //! - Stops, with one sentence naming the set-up command, when libtorch is missing. (A cold
 //!   build meets the same sentence earlier, in torch-sys's C++ step: see

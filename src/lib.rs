@@ -23,7 +23,43 @@
 //!
 //! A pipeline definition ([`pipeline::Definition`], a YAML file) names the source, patching,
 //! model, method (`patchgd` or the `gd` baseline) and training parameters;
-//! [`pipeline::run`] runs it. [`synth`] generates the UltraMNIST benchmark.
+//! [`pipeline::run`] runs it in stages (prepare, start or resume, epochs, outputs: see
+//! [`pipeline::runner`]). [`synth`] generates the UltraMNIST benchmark; [`sql`] registers the
+//! images, patches and run tables in any DataFusion `SessionContext`.
+//!
+//! Modules import one way (docs/architecture.md, checked by `tests/it/architecture.rs`):
+//! `storage`, `rng` and `patch` import no other; `state` only `storage`; `source` `patch` and
+//! `storage`; `train` the model, patches, source items and the latent store; `pipeline` may use
+//! everything.
+//!
+//! # Embedding
+//!
+//! The command line (`patchgd` binary, its SQL shell, progress bar and benchmarks) is the
+//! default `cli` feature. A platform depends on the library alone:
+//!
+//! ```toml
+//! patchgd = { version = "0.1", default-features = false }
+//! ```
+//!
+//! and runs a pipeline with its own progress reporting:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use patchgd::pipeline::{Definition, RunObserver, RunOptions, run_with};
+//!
+//! struct Quiet;
+//! impl RunObserver for Quiet {}
+//!
+//! let def = Definition::from_file(std::path::Path::new("pipelines/ultramnist.yaml"))?;
+//! let options = RunOptions { observer: Some(Arc::new(Quiet)), ..Default::default() };
+//! let summary = run_with(&def, &options)?;
+//! assert_eq!(summary.images_seen, summary.images_used + summary.images_failed + summary.images_deselected);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Without an observer, progress goes to `tracing` (target `patchgd::run`). The library never
+//! prints; errors name the object, key or file they are about and keep their cause as
+//! `source()`.
 
 #[cfg(feature = "cli")]
 pub mod bench;

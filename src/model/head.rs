@@ -1,4 +1,4 @@
-//! The head f2 of METHOD.md: one 3x3 conv block at stride 1, three at stride 2, each
+//! The head f2 of docs/method.md: one 3x3 conv block at stride 1, three at stride 2, each
 //! Conv -> ReLU -> BatchNorm -> Dropout2d(0.2); then adaptive average pooling (so any grid size
 //! works) and Linear(width -> classes).
 

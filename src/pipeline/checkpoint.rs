@@ -6,6 +6,8 @@
 //! Files of a checkpoint: `model.safetensors`, `optimizer.safetensors` (tensors),
 //! `latents.arrow` (the latent store's snapshot), `state.yaml` ([`TrainingState`]).
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,7 @@ pub struct Ledger {
 
 /// Where in an epoch a checkpoint is taken: mid-epoch (`Some`) or after the last (`None`).
 pub struct EpochPosition<'a> {
+    /// The epoch in progress (1-based).
     pub epoch: u64,
     /// This epoch's training order, by image id.
     pub order: &'a [String],
@@ -63,9 +66,11 @@ pub struct TrainingState {
     pub epoch_order: Vec<String>,
     /// The training pass so far in this epoch.
     pub pass: PassOutcome,
+    /// One row per finished epoch.
     pub metrics: Vec<EpochMetrics>,
     /// (epoch, failure); epoch 0 = at listing.
     pub errors: Vec<(u64, Failure)>,
+    /// Images trained or evaluated on in the first epoch.
     pub used: Vec<String>,
     /// Predictions of the last evaluation (for the outputs of a finished run).
     pub last_predictions: Vec<Prediction>,

@@ -557,13 +557,13 @@ impl Definition {
                 ),
             );
         }
-        if let Some(c) = self.model.classes {
-            if c < 2 {
-                return bad(
-                    "model.classes",
-                    format!("is {c}; at least 2 classes are needed"),
-                );
-            }
+        if let Some(c) = self.model.classes
+            && c < 2
+        {
+            return bad(
+                "model.classes",
+                format!("is {c}; at least 2 classes are needed"),
+            );
         }
         let t = &self.train;
         if t.epochs == 0 {
@@ -581,16 +581,16 @@ impl Definition {
         if !(t.warmup_epochs >= 0.0) {
             return bad("train.warmup_epochs", "must be 0 or more".into());
         }
-        if let Some(h) = t.decay_epochs {
-            if !(h > t.warmup_epochs) {
-                return bad(
-                    "train.decay_epochs",
-                    format!(
-                        "is {h}; must be greater than warmup_epochs ({})",
-                        t.warmup_epochs
-                    ),
-                );
-            }
+        if let Some(h) = t.decay_epochs
+            && !(h > t.warmup_epochs)
+        {
+            return bad(
+                "train.decay_epochs",
+                format!(
+                    "is {h}; must be greater than warmup_epochs ({})",
+                    t.warmup_epochs
+                ),
+            );
         }
         if !(t.weight_decay >= 0.0) {
             return bad("train.weight_decay", "must be 0 or more".into());

@@ -2,6 +2,8 @@
 //! the embedding program decides what to show (the command line draws a progress bar; the
 //! default, [`LogObserver`], logs through `tracing`).
 
+#![warn(missing_docs)]
+
 use crate::sink::EpochMetrics;
 
 /// Receives a run's progress. Every method has a default, so an observer implements only what

@@ -1,6 +1,8 @@
 //! The first stage of a run: from a definition to the images it trains and evaluates on, before
 //! any model exists. Lists and labels the images, applies `select:`, and settles the classes.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 
 use tokio::runtime::Runtime;
@@ -14,8 +16,11 @@ use crate::storage::Location;
 /// What a run reads and writes, settled before training starts.
 #[derive(Debug)]
 pub struct Prepared {
+    /// Where the images are (`source.images`).
     pub images: Location,
+    /// Where the outputs go (`output`).
     pub output: Location,
+    /// Where the checkpoints go (under the output unless `checkpoint.url` says otherwise).
     pub checkpoints: Location,
     /// Every listed object: the labelled images (after `select:`) and those that failed.
     pub catalog: Catalog,
@@ -23,8 +28,11 @@ pub struct Prepared {
     pub stream: StreamConfig,
     /// Labelled images that `select:` left out.
     pub deselected: usize,
+    /// The training images, in listing order (each epoch shuffles its own copy).
     pub train_set: Vec<ImageEntry>,
+    /// The validation images.
     pub val_set: Vec<ImageEntry>,
+    /// Classes the model predicts (`model.classes`, or implied by the labels).
     pub classes: i64,
 }
 

@@ -1,6 +1,6 @@
 //! The runner: a run as a short sequence of stages, each a function of its own:
 //!
-//! 1. [`prepare`](super::prepare::prepare): list and label the images, `select:`, classes;
+//! 1. [`prepare`]: list and label the images, `select:`, classes;
 //! 2. [`start_or_resume`]: build the trainer, or restore it from the newest checkpoint;
 //! 3. [`run_epoch`], once per epoch: a training pass (checkpointed every `every_steps`), an
 //!    evaluation pass, the epoch's metrics;
@@ -8,6 +8,8 @@
 //!
 //! The trainer runs on the calling thread (all tch work on one OS thread); the source and the
 //! object store writes run on a tokio runtime in the background.
+
+#![warn(missing_docs)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -33,38 +35,57 @@ use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
 use crate::train::{LossScaler, Precision};
 use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
 
+/// Why a run stopped. Each names what it was about (image, object, key, file) and keeps the
+/// error that caused it as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// Listing or labelling the images failed.
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+    /// An object store could not be reached, or refused.
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    /// The data cannot be trained on as configured (no training images, a label out of range,
+    /// `on_error: stop`).
     #[error("{0}")]
     Data(String),
+    /// The `select:` query failed.
     #[error("select: {0}")]
     Select(#[source] datafusion::error::DataFusionError),
+    /// The requested device or precision is not available.
     #[error("device: {0}")]
     Device(String),
+    /// An output or checkpoint file could not be encoded.
     #[error("cannot write {what}: {source}")]
     Write {
+        /// Which file.
         what: String,
+        /// Why.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Writing or reading a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The checkpoint cannot be resumed by this pipeline (a setting changed, a file is missing).
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// A checkpoint file is there but cannot be read into the trainer.
     #[error("cannot resume from checkpoint file {name}: {source}")]
     ResumeFile {
+        /// The checkpoint step and file.
         name: String,
+        /// Why it could not be read.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The latent store could not be set up (its spill directory).
     #[error("latent store: {0}")]
     Latents(#[from] crate::state::latent::LatentError),
+    /// Training stopped: a value that is not finite, or a patch that could not be read back.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    /// The async runtime could not start.
     #[error("cannot start the runtime for the source and stores: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -90,10 +111,15 @@ impl std::fmt::Debug for RunOptions {
 /// What a run did, written as summary.json and returned to the caller.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
+    /// The pipeline's `name`.
     pub name: String,
+    /// PatchGD or GD.
     pub method: Method,
+    /// `cpu` or `cuda:N`.
     pub device: String,
+    /// Classes the model predicts.
     pub classes: i64,
+    /// Epochs the run has trained.
     pub epochs: u64,
     /// Objects under the images URL.
     pub images_seen: usize,
@@ -105,12 +131,19 @@ pub struct RunSummary {
     pub labels_without_image: usize,
     /// Labelled images that the pipeline's `select:` query left out.
     pub images_deselected: usize,
+    /// Labelled training images (split `train`).
     pub train_images: usize,
+    /// Labelled validation images (split `val`).
     pub val_images: usize,
+    /// Validation accuracy after the last epoch.
     pub final_val_accuracy: f64,
+    /// Validation quadratic weighted kappa after the last epoch.
     pub final_val_qwk: f64,
+    /// Validation loss after the last epoch.
     pub final_val_loss: f64,
+    /// Wall time of this process's part of the run.
     pub wall_seconds: f64,
+    /// The output URL.
     pub output: String,
     /// Fill-pass cells taken from the latent store instead of encoded (`latent.reuse`), in this
     /// process (a resumed run counts from its resume).
@@ -175,6 +208,7 @@ pub fn build_trainer(
     Ok(trainer)
 }
 
+/// The device `train.device` asks for; an error when CUDA is required but absent.
 pub fn choose_device(choice: DeviceChoice) -> Result<Device, RunError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -224,8 +258,11 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
 /// A run in progress: the trainer, what it has accounted for, and where a resumed epoch
 /// continues.
 pub struct Session {
+    /// Model, optimizer, schedule position and latent store.
     pub trainer: Trainer,
+    /// What the run has accounted for so far.
     pub ledger: Ledger,
+    /// Where the model runs.
     pub device: Device,
     /// The checkpoint this run resumed from, until its epoch has continued from it.
     resumed: Option<TrainingState>,

@@ -2,6 +2,8 @@
 //! Used wherever images are read without a labels table (`inspect`, SQL over unlabelled data),
 //! so that "an object or a prefix" means the same everywhere.
 
+#![warn(missing_docs)]
+
 use super::catalog::unique_ids;
 use super::{Failure, ImageEntry, Result, SourceError};
 use crate::storage::{Location, StorageError, StoreOptions};
@@ -11,6 +13,7 @@ use crate::storage::{Location, StorageError, StoreOptions};
 pub struct Listing {
     /// Where the entries' paths are relative to: the prefix, or the object's parent.
     pub location: Location,
+    /// One entry per object whose image id is its own.
     pub images: Vec<ImageEntry>,
     /// Objects that could not be images (two objects with one image id).
     pub failures: Vec<Failure>,

@@ -5,8 +5,10 @@ pub mod catalog;
 pub mod decode;
 pub mod inspect;
 pub mod listing;
+mod segments;
 pub mod stream;
 pub mod tiff;
+mod whole;
 
 pub use catalog::{Catalog, ImageEntry, Split};
 pub use listing::{Listing, list_images};

@@ -4,22 +4,18 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
-use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::metrics::Count;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::decode::decode;
-use super::tiff::chunk::Region;
-use super::tiff::{self, TiffError, TiffFile};
+use super::tiff;
 use super::{Failure, ImageEntry};
-use crate::patch::{Cut, Foreground, ImageKey, Raster, segment_batch};
+use crate::patch::{Cut, Foreground, ImageKey, segment_batch};
 use crate::patch::{Grid, patch_schema};
 use crate::storage::Location;
 
@@ -127,8 +123,8 @@ pub const SEGMENT_PX: usize = 4096;
 /// The first request for every object: enough for a PNG/JPEG thumbnail or a TIFF's directories.
 pub const HEAD_BYTES: u64 = 64 << 10;
 
-type BandResult = Result<RecordBatch, Failure>;
-type BandFuture = BoxFuture<'static, BandResult>;
+pub(super) type BandResult = Result<RecordBatch, Failure>;
+pub(super) type BandFuture = BoxFuture<'static, BandResult>;
 
 /// Streams the patches of `entries` in the given order. Failures arrive in the same channel, so
 /// that a consumer accounts for every image: each entry yields its bands or one failure (bands
@@ -207,7 +203,7 @@ fn band_stream(
 }
 
 /// A panic caught in a source task, as the image's failure (a bug to report, never a lost image).
-fn panicked(
+pub(super) fn panicked(
     image_id: String,
     url: String,
     during: &str,
@@ -235,7 +231,7 @@ fn image_id_of(batch: &RecordBatch) -> &str {
         .value(0)
 }
 
-fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
+pub(super) fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
     Failure {
         image_id: entry.image_id.clone(),
         url: entry.url.clone(),
@@ -245,20 +241,20 @@ fn failure(entry: &ImageEntry, stage: &str, message: String) -> Failure {
 }
 
 /// One image's band futures, made lazily.
-type Bands = BoxStream<'static, BandFuture>;
+pub(super) type Bands = BoxStream<'static, BandFuture>;
 
-fn failed(f: Failure) -> Bands {
+pub(super) fn failed(f: Failure) -> Bands {
     ready_bands(vec![Err(f)])
 }
 
-fn ready_bands(results: Vec<BandResult>) -> Bands {
+pub(super) fn ready_bands(results: Vec<BandResult>) -> Bands {
     futures::stream::iter(results)
         .map(|r| futures::future::ready(r).boxed())
         .boxed()
 }
 
 /// Run `work` on the blocking pool; a panic becomes the image's failure.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     entry: &ImageEntry,
     work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -281,7 +277,7 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
         Err(e) => return failed(failure(&entry, "read", e.to_string())),
     };
     if tiff::is_tiff(&head) {
-        return open_tiff(images, entry, config, head).await;
+        return super::segments::open_tiff(images, entry, config, head).await;
     }
     if !looks_like_png_or_jpeg(&head) {
         let shown: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -294,77 +290,7 @@ async fn open_image(images: Location, entry: ImageEntry, config: Arc<StreamConfi
             ),
         ));
     }
-    if config.level > 0 || config.target_mpp.is_some() {
-        return failed(failure(
-            &entry,
-            "decode",
-            format!(
-                "PNG and JPEG images have one level; source.level {} / target_mpp needs a pyramidal TIFF",
-                config.level
-            ),
-        ));
-    }
-    // Geometry from the header alone, where that is all the consumer needs.
-    let mut selected = None;
-    if config.read == Read::Geometry || config.select.is_some() {
-        let dims = match config.resize_to {
-            Some(s) => Some((s as usize, s as usize)),
-            None => header_dimensions(&head),
-        };
-        if let Some((width, height)) = dims {
-            if let Err(message) = check_declared_size(width, height, &config) {
-                return failed(failure(&entry, "decode", message));
-            }
-            let grid = match Grid::new(width, height, config.patch, config.stride) {
-                Ok(g) => g,
-                Err(e) => return failed(failure(&entry, "patch", e.to_string())),
-            };
-            let key = key_of(&entry);
-            let mask = match select_cells(&config, &key, &grid, 0) {
-                Ok(m) => m,
-                Err(f) => return failed(failure(&entry, "select", f)),
-            };
-            let wanted = mask.as_ref().is_none_or(|m| m.iter().any(|&c| c));
-            if config.read == Read::Geometry || !wanted {
-                let cut = cut_of(&config, 0, mask.as_deref());
-                let bands = (0..grid.rows)
-                    .map(|row| {
-                        Ok(geometry_segment(
-                            &key,
-                            &grid,
-                            row,
-                            0..grid.cols,
-                            &cut,
-                            &config,
-                        ))
-                    })
-                    .collect();
-                return ready_bands(bands);
-            }
-            selected = mask;
-        }
-    }
-    let bytes = if (head.len() as u64) < entry.size {
-        match images
-            .get_range(&entry.path, head.len() as u64..entry.size)
-            .await
-        {
-            Ok(rest) => [head, rest].concat(),
-            Err(e) => return failed(failure(&entry, "read", e.to_string())),
-        }
-    } else {
-        head.to_vec()
-    };
-    let e = entry.clone();
-    config.counters.decoded.add(1);
-    match blocking(&entry, move || {
-        cut_whole(&e, &bytes, &config, selected.as_deref())
-    })
-    .await
-    {
-        Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
-        Err(f) => failed(f),
-    }
+    super::whole::open_whole(images, entry, config, head).await
 }
 
 /// The most pixels an image (a TIFF level) may declare: 2^34, a 131,072 px square. Sizes come
@@ -375,7 +301,11 @@ pub const MAX_IMAGE_PIXELS: u64 = 1 << 34;
 pub const MAX_WHOLE_IMAGE_BYTES: u64 = 512 << 20;
 
 /// Refuse a declared size that could not be allocated, naming it and the limit.
-fn check_declared_size(width: usize, height: usize, config: &StreamConfig) -> Result<(), String> {
+pub(super) fn check_declared_size(
+    width: usize,
+    height: usize,
+    config: &StreamConfig,
+) -> Result<(), String> {
     let pixels = width as u64 * height as u64;
     if pixels > MAX_IMAGE_PIXELS {
         return Err(format!(
@@ -394,16 +324,7 @@ fn check_declared_size(width: usize, height: usize, config: &StreamConfig) -> Re
     Ok(())
 }
 
-/// Width and height from a PNG or JPEG header, if the first bytes hold it.
-fn header_dimensions(head: &[u8]) -> Option<(usize, usize)> {
-    let reader = image::ImageReader::new(std::io::Cursor::new(head))
-        .with_guessed_format()
-        .ok()?;
-    let (w, h) = reader.into_dimensions().ok()?;
-    Some((w as usize, h as usize))
-}
-
-fn select_cells(
+pub(super) fn select_cells(
     config: &StreamConfig,
     key: &ImageKey,
     grid: &Grid,
@@ -415,7 +336,11 @@ fn select_cells(
     }
 }
 
-fn cut_of<'a>(config: &StreamConfig, level: u32, selected: Option<&'a [bool]>) -> Cut<'a> {
+pub(super) fn cut_of<'a>(
+    config: &StreamConfig,
+    level: u32,
+    selected: Option<&'a [bool]>,
+) -> Cut<'a> {
     Cut {
         level,
         channels: config.channels,
@@ -427,7 +352,7 @@ fn cut_of<'a>(config: &StreamConfig, level: u32, selected: Option<&'a [bool]>) -
 
 /// Rows of a segment that nothing was read for; empty when none of its cells is selected and
 /// the consumer drops unselected rows.
-fn geometry_segment(
+pub(super) fn geometry_segment(
     key: &ImageKey,
     grid: &Grid,
     row: usize,
@@ -449,251 +374,10 @@ fn looks_like_png_or_jpeg(head: &[u8]) -> bool {
     head.starts_with(b"\x89PNG\r\n\x1a\n") || head.starts_with(&[0xFF, 0xD8, 0xFF])
 }
 
-fn key_of(entry: &ImageEntry) -> ImageKey {
+pub(super) fn key_of(entry: &ImageEntry) -> ImageKey {
     ImageKey {
         image_id: entry.image_id.clone(),
         label: entry.label,
         split: entry.split.map(|s| s.as_str().to_string()),
     }
-}
-
-/// Decode a whole PNG/JPEG and cut it into band batches.
-fn cut_whole(
-    entry: &ImageEntry,
-    bytes: &[u8],
-    config: &StreamConfig,
-    selected: Option<&[bool]>,
-) -> Result<Vec<RecordBatch>, Failure> {
-    let img = decode(bytes, config.channels, config.resize_to)
-        .map_err(|m| failure(entry, "decode", m))?;
-    cut_raster(
-        entry,
-        &img.pixels,
-        img.width,
-        img.height,
-        config,
-        0,
-        selected,
-    )
-}
-
-fn cut_raster(
-    entry: &ImageEntry,
-    pixels: &[u8],
-    width: usize,
-    height: usize,
-    config: &StreamConfig,
-    level: u32,
-    selected: Option<&[bool]>,
-) -> Result<Vec<RecordBatch>, Failure> {
-    let grid = Grid::new(width, height, config.patch, config.stride)
-        .map_err(|e| failure(entry, "patch", e.to_string()))?;
-    let raster = Raster::whole(pixels, width, height, config.channels);
-    let key = key_of(entry);
-    // Not chosen before decoding (the header did not give the size): choose now.
-    let computed;
-    let selected = match selected {
-        None if config.select.is_some() => {
-            computed = select_cells(config, &key, &grid, level)
-                .map_err(|m| failure(entry, "select", m))?;
-            computed.as_deref()
-        }
-        given => given,
-    };
-    let cut = cut_of(config, level, selected);
-    Ok((0..grid.rows)
-        .map(|row| {
-            if config.drop_unselected
-                && selected.is_some_and(|s| (0..grid.cols).all(|c| !s[grid.index(row, c)]))
-            {
-                return RecordBatch::new_empty(patch_schema());
-            }
-            segment_batch(&key, &grid, row, 0..grid.cols, Some(&raster), &cut)
-        })
-        .collect())
-}
-
-/// Parse a TIFF's directories, choose the level, and plan one band future per grid row.
-async fn open_tiff(
-    images: Location,
-    entry: ImageEntry,
-    config: Arc<StreamConfig>,
-    head: bytes::Bytes,
-) -> Bands {
-    let file = match TiffFile::open(&images, &entry.path, entry.size, head).await {
-        Ok(f) => f,
-        Err(e) => return failed(failure(&entry, stage_of(&e), e.to_string())),
-    };
-    let level = match config.target_mpp {
-        Some(mpp) => match file.level_for_mpp(mpp) {
-            Some(l) => l,
-            None => {
-                return failed(failure(
-                    &entry,
-                    "decode",
-                    format!("target_mpp {mpp} given but the TIFF states no MPP; use source.level"),
-                ));
-            }
-        },
-        None => config.level,
-    };
-    let dir = match file.level(level).and_then(|d| {
-        tiff::chunk::check_supported(d)?;
-        Ok(d.clone())
-    }) {
-        Ok(d) => d,
-        Err(e) => return failed(failure(&entry, "decode", e.to_string())),
-    };
-    let (width, height) = (dir.width as usize, dir.height as usize);
-    if let Err(message) = check_declared_size(width, height, &config) {
-        return failed(failure(
-            &entry,
-            "decode",
-            format!("level {level}: {message}"),
-        ));
-    }
-    let file = Arc::new(file);
-    if config.resize_to.is_some() {
-        // Whole-image input (GD): read the level at once, then resize like a PNG.
-        let result = tiff::read_rows(&images, &file, level, 0, height, config.channels).await;
-        return match result {
-            Err(e) => failed(failure(&entry, stage_of(&e), e.to_string())),
-            Ok(pixels) => {
-                let e = entry.clone();
-                let size = config.resize_to.unwrap();
-                let cut = blocking(&entry, move || {
-                    let img = crate::source::decode::resize(
-                        &pixels,
-                        width,
-                        height,
-                        config.channels,
-                        size,
-                    );
-                    cut_raster(
-                        &e,
-                        &img,
-                        size as usize,
-                        size as usize,
-                        &config,
-                        level as u32,
-                        None,
-                    )
-                })
-                .await;
-                match cut {
-                    Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
-                    Err(f) => failed(f),
-                }
-            }
-        };
-    }
-    let grid = match Grid::new(width, height, config.patch, config.stride) {
-        Ok(g) => g,
-        Err(e) => {
-            return failed(failure(
-                &entry,
-                "patch",
-                format!("level {level} ({width} x {height}): {e}"),
-            ));
-        }
-    };
-    let key = Arc::new(key_of(&entry));
-    let mask = match select_cells(&config, &key, &grid, level as u32) {
-        Ok(m) => m.map(Arc::new),
-        Err(f) => return failed(failure(&entry, "select", f)),
-    };
-    if config.read > Read::Geometry && mask.as_ref().is_none_or(|m| m.iter().any(|&c| c)) {
-        config.counters.decoded.add(1);
-    }
-    let entry = Arc::new(entry);
-    let dir = Arc::new(dir);
-    // Segments of SEGMENT_PX columns keep each unit of work (and its memory) the same size
-    // whatever the image width. Made lazily: a 100k px slide has thousands.
-    let per_segment = (config.segment_px / grid.stride).max(1);
-    let segments = grid.cols.div_ceil(per_segment);
-    futures::stream::iter(0..grid.rows * segments)
-        .map(move |i| {
-            let (row, segment) = (i / segments, i % segments);
-            let cols = segment * per_segment..((segment + 1) * per_segment).min(grid.cols);
-            let (images, file, config, key, entry, dir, mask) = (
-                images.clone(),
-                file.clone(),
-                config.clone(),
-                key.clone(),
-                entry.clone(),
-                dir.clone(),
-                mask.clone(),
-            );
-            let (id, url) = (entry.image_id.clone(), entry.url.clone());
-            AssertUnwindSafe(async move {
-                let wanted = mask
-                    .as_ref()
-                    .is_none_or(|m| cols.clone().any(|c| m[grid.index(row, c)]));
-                if config.read == Read::Geometry || !wanted {
-                    let cut = cut_of(&config, level as u32, mask.as_deref().map(|m| &m[..]));
-                    return Ok(geometry_segment(&key, &grid, row, cols, &cut, &config));
-                }
-                let (x0, y0) = grid.origin(row, cols.start);
-                let right = (grid.origin(row, cols.end - 1).0 + grid.patch).min(width);
-                let region = Region {
-                    x: x0,
-                    y: y0,
-                    width: right - x0,
-                    height: grid.patch.min(height - y0),
-                };
-                let chunks = tiff::chunk::fetch_region(&images, &file, level, region)
-                    .await
-                    .map_err(|e| failure(&entry, stage_of(&e), e.to_string()))?;
-                let e = entry.clone();
-                blocking(&entry, move || {
-                    let pixels =
-                        tiff::chunk::assemble_region(&dir, level, &chunks, region, config.channels)
-                            .map_err(|err| failure(&e, stage_of(&err), err.to_string()))?;
-                    let raster = Raster {
-                        pixels: &pixels,
-                        left: region.x,
-                        top: region.y,
-                        width: region.width,
-                        rows: region.height,
-                        image_width: width,
-                        image_height: height,
-                        channels: config.channels,
-                    };
-                    let cut = cut_of(&config, level as u32, mask.as_deref().map(|m| &m[..]));
-                    Ok(segment_batch(&key, &grid, row, cols, Some(&raster), &cut))
-                })
-                .await
-            })
-            .catch_unwind()
-            .map(move |r| r.unwrap_or_else(|p| Err(panicked(id, url, "reading", p))))
-            .boxed()
-        })
-        .boxed()
-}
-
-/// Error table stage: a failed request is `read`, anything about the content is `decode`.
-fn stage_of(e: &TiffError) -> &'static str {
-    match e {
-        TiffError::Storage(_) => "read",
-        _ => "decode",
-    }
-}
-
-/// The same patches as a DataFusion stream, for other engines; failures are collected aside.
-pub fn into_record_batch_stream(
-    rx: mpsc::Receiver<SourceItem>,
-    failures: Arc<Mutex<Vec<Failure>>>,
-) -> SendableRecordBatchStream {
-    let stream = futures::stream::unfold(rx, move |mut rx| {
-        let failures = failures.clone();
-        async move {
-            loop {
-                match rx.recv().await? {
-                    SourceItem::Batch(b) => return Some((Ok(b.batch), rx)),
-                    SourceItem::Failed(f) => failures.lock().unwrap().push(f),
-                }
-            }
-        }
-    });
-    Box::pin(RecordBatchStreamAdapter::new(patch_schema(), stream))
 }

@@ -42,7 +42,7 @@ static IMAGES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// The schema of the images table (documented in schemas/sql.md).
+/// The schema of the images table (documented in docs/sql.md).
 pub fn images_schema() -> SchemaRef {
     IMAGES_SCHEMA.clone()
 }

@@ -12,6 +12,7 @@
 //! [`register`] puts all of it into a caller's `SessionContext` in one call. The SQL surface is
 //! read-only: [`query`] refuses DDL, DML, COPY and other statements with a clear message.
 
+pub mod adapter;
 pub mod functions;
 pub mod images;
 pub mod patches;

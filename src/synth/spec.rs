@@ -2,6 +2,8 @@
 //! pipeline file's `synth:` section and `patchgd synth ultramnist` flags (flags override the
 //! file). Checked once, here.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 use super::ImageFormat;
@@ -13,10 +15,15 @@ use crate::source::tiff::write::TileCompression;
 pub struct SynthSpec {
     /// Where the data set goes: images under OUT/images, labels in OUT/labels.csv.
     pub out: String,
+    /// Canvas side in pixels.
     pub size: u32,
+    /// Number of classes: labels (digit sums) 0..classes-1.
     pub classes: u32,
+    /// Training images.
     pub train: usize,
+    /// Validation images.
     pub val: usize,
+    /// Seed of the layouts (the same seed writes the same bytes).
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// `png`, or `tiff` (tiled pyramidal, for large canvases).
@@ -49,20 +56,30 @@ fn default_compression() -> String {
 pub struct SynthError {
     /// The key without the `synth.` prefix (`classes`, `tile`, ...): the flag's name too.
     pub key: &'static str,
+    /// What is wrong with it.
     pub reason: String,
 }
 
 /// Settings given one by one (command-line flags) over an optional base (a pipeline file).
 #[derive(Clone, Debug, Default)]
 pub struct SynthOverrides {
+    /// See [`SynthSpec::out`].
     pub out: Option<String>,
+    /// See [`SynthSpec::size`].
     pub size: Option<u32>,
+    /// See [`SynthSpec::classes`].
     pub classes: Option<u32>,
+    /// See [`SynthSpec::train`].
     pub train: Option<usize>,
+    /// See [`SynthSpec::val`].
     pub val: Option<usize>,
+    /// See [`SynthSpec::seed`].
     pub seed: Option<u64>,
+    /// See [`SynthSpec::format`].
     pub format: Option<String>,
+    /// See [`SynthSpec::tile`].
     pub tile: Option<u32>,
+    /// See [`SynthSpec::compression`].
     pub compression: Option<String>,
 }
 
@@ -131,7 +148,7 @@ impl SynthSpec {
         if self.size < 28 {
             return bad("size", format!("is {}; must be at least 28 px", self.size));
         }
-        if self.tile < 16 || self.tile % 16 != 0 {
+        if self.tile < 16 || !self.tile.is_multiple_of(16) {
             return bad(
                 "tile",
                 format!("is {}; must be a multiple of 16 px", self.tile),

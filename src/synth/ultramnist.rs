@@ -1,6 +1,6 @@
-//! The UltraMNIST recipe (METHOD.md): a black M x M canvas with 3 to 5 digits at random
+//! The UltraMNIST recipe (docs/method.md): a black M x M canvas with 3 to 5 digits at random
 //! non-overlapping positions; label = sum of the digits. Each digit is scaled by r in 1..9
-//! with weights [5,4,3,2,1,1,2,3,4]/25 (28 * r px; when r = 1, half the time 14 px). Scales
+//! with weights `[5,4,3,2,1,1,2,3,4] / 25` (28 * r px; when r = 1, half the time 14 px). Scales
 //! whose digit would not fit the canvas are drawn again, and a layout that cannot be placed
 //! without overlap after 200 tries per digit is drawn again from new scales.
 //!

@@ -1,5 +1,5 @@
 //! Adam, owned rather than tch's built-in, so that its whole state (moments and step count) is
-//! plain tensors that a checkpoint can save and restore exactly (DESIGN.md).
+//! plain tensors that a checkpoint can save and restore exactly (docs/architecture.md).
 
 use tch::{Kind, Tensor};
 

@@ -1,4 +1,4 @@
-//! One PatchGD outer step (METHOD.md): fill Z without gradient, then for each chunk of a seeded
+//! One PatchGD outer step (docs/method.md): fill Z without gradient, then for each chunk of a seeded
 //! permutation re-encode only the chunk's patches with gradient, write them into a detached Z,
 //! run the head, and accumulate; the optimizer steps where the plan says.
 //!
@@ -43,7 +43,7 @@ pub struct Reuse {
 ///
 /// `groups` says which patches go through the backbone together. A training step passes its
 /// plan's chunks: each chunk's cells of every image, image-major, exactly the batch that the
-/// chunk's inner iteration encodes with gradient. Training-mode BatchNorm (METHOD.md keeps the
+/// chunk's inner iteration encodes with gradient. Training-mode BatchNorm (docs/method.md: the reference keeps the
 /// backbone in training mode during the fill) then normalises every patch with the same batch
 /// statistics in the fill as in its gradient pass, and the running statistics see batches of
 /// n·B patches throughout, as in PyTorch's PatchGD. `None` encodes the cells in order

@@ -1,5 +1,6 @@
 //! One integration test binary (each binary relinks libtorch and datafusion), one module per area.
 
+mod architecture;
 mod bench;
 mod checkpoints;
 mod common;

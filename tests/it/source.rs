@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use patchgd::patch::patch_schema;
-use patchgd::source::stream::into_record_batch_stream;
 use patchgd::source::{Catalog, Split, StreamConfig, stream_images};
+use patchgd::sql::adapter::into_record_batch_stream;
 use patchgd::storage::Location;
 
 use crate::common::{memory_url, square_dataset};

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, Float32Array, UInt32Array};
 use futures::TryStreamExt;
-use patchgd::source::stream::into_record_batch_stream;
 use patchgd::source::tiff::write::TileCompression;
 use patchgd::source::tiff::{TiffFile, read_rows};
 use patchgd::source::{Catalog, Split, StreamConfig, stream_images};
+use patchgd::sql::adapter::into_record_batch_stream;
 use patchgd::storage::{Location, StoreOptions};
 use patchgd::synth::{Recipe, layout_image, write_tiff_image};
 

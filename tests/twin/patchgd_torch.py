@@ -153,7 +153,7 @@ def load_weights(model, tensors):
 
 
 def plan(cells, rho, accumulation, perm):
-    """The inner iterations of one outer step over the permutation `perm` (METHOD.md):
+    """The inner iterations of one outer step over the permutation `perm` (docs/method.md):
     n = ceil(cells * rho) patches per iteration, zeta = ceil(1 / rho) iterations at most; the
     optimizer steps every epsilon iterations and after the last."""
     n = min(max(math.ceil(cells * rho), 1), cells)

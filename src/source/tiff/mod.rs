@@ -377,7 +377,7 @@ impl Entry {
             1 | 6 | 7 => each(1, &|b| b[0] as u64),
             3 | 8 => each(2, &|b| bo.u16(b) as u64),
             4 | 9 | 13 => each(4, &|b| bo.u32(b) as u64),
-            16 | 17 | 18 => each(8, &|b| bo.u64(b)),
+            16..=18 => each(8, &|b| bo.u64(b)),
             _ => Vec::new(),
         }
     }

@@ -1,0 +1,162 @@
+//! PNG and JPEG: one request for the whole object, decoded whole (within the `image` crate's
+//! allocation limit), cut into one band per grid row.
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+
+use super::decode::decode;
+use super::stream::{
+    Bands, Read, StreamConfig, blocking, check_declared_size, cut_of, failed, failure,
+    geometry_segment, key_of, ready_bands, select_cells,
+};
+use super::{Failure, ImageEntry};
+use crate::patch::{Grid, Raster, patch_schema, segment_batch};
+use crate::storage::Location;
+
+/// A PNG or JPEG: decoded whole on the blocking pool, then cut into bands. Geometry comes from
+/// the header alone where that is all the consumer needs.
+pub(super) async fn open_whole(
+    images: Location,
+    entry: ImageEntry,
+    config: Arc<StreamConfig>,
+    head: Bytes,
+) -> Bands {
+    if config.level > 0 || config.target_mpp.is_some() {
+        return failed(failure(
+            &entry,
+            "decode",
+            format!(
+                "PNG and JPEG images have one level; source.level {} / target_mpp needs a pyramidal TIFF",
+                config.level
+            ),
+        ));
+    }
+    // Geometry from the header alone, where that is all the consumer needs.
+    let mut selected = None;
+    if config.read == Read::Geometry || config.select.is_some() {
+        let dims = match config.resize_to {
+            Some(s) => Some((s as usize, s as usize)),
+            None => header_dimensions(&head),
+        };
+        if let Some((width, height)) = dims {
+            if let Err(message) = check_declared_size(width, height, &config) {
+                return failed(failure(&entry, "decode", message));
+            }
+            let grid = match Grid::new(width, height, config.patch, config.stride) {
+                Ok(g) => g,
+                Err(e) => return failed(failure(&entry, "patch", e.to_string())),
+            };
+            let key = key_of(&entry);
+            let mask = match select_cells(&config, &key, &grid, 0) {
+                Ok(m) => m,
+                Err(f) => return failed(failure(&entry, "select", f)),
+            };
+            let wanted = mask.as_ref().is_none_or(|m| m.iter().any(|&c| c));
+            if config.read == Read::Geometry || !wanted {
+                let cut = cut_of(&config, 0, mask.as_deref());
+                let bands = (0..grid.rows)
+                    .map(|row| {
+                        Ok(geometry_segment(
+                            &key,
+                            &grid,
+                            row,
+                            0..grid.cols,
+                            &cut,
+                            &config,
+                        ))
+                    })
+                    .collect();
+                return ready_bands(bands);
+            }
+            selected = mask;
+        }
+    }
+    let bytes = if (head.len() as u64) < entry.size {
+        match images
+            .get_range(&entry.path, head.len() as u64..entry.size)
+            .await
+        {
+            Ok(rest) => [head, rest].concat(),
+            Err(e) => return failed(failure(&entry, "read", e.to_string())),
+        }
+    } else {
+        head.to_vec()
+    };
+    let e = entry.clone();
+    config.counters.decoded.add(1);
+    match blocking(&entry, move || {
+        cut_whole(&e, &bytes, &config, selected.as_deref())
+    })
+    .await
+    {
+        Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
+        Err(f) => failed(f),
+    }
+}
+
+/// Width and height from a PNG or JPEG header, if the first bytes hold it.
+fn header_dimensions(head: &[u8]) -> Option<(usize, usize)> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(head))
+        .with_guessed_format()
+        .ok()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some((w as usize, h as usize))
+}
+
+/// Decode a whole PNG/JPEG and cut it into band batches.
+fn cut_whole(
+    entry: &ImageEntry,
+    bytes: &[u8],
+    config: &StreamConfig,
+    selected: Option<&[bool]>,
+) -> Result<Vec<RecordBatch>, Failure> {
+    let img = decode(bytes, config.channels, config.resize_to)
+        .map_err(|m| failure(entry, "decode", m))?;
+    cut_raster(
+        entry,
+        &img.pixels,
+        img.width,
+        img.height,
+        config,
+        0,
+        selected,
+    )
+}
+
+pub(super) fn cut_raster(
+    entry: &ImageEntry,
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    config: &StreamConfig,
+    level: u32,
+    selected: Option<&[bool]>,
+) -> Result<Vec<RecordBatch>, Failure> {
+    let grid = Grid::new(width, height, config.patch, config.stride)
+        .map_err(|e| failure(entry, "patch", e.to_string()))?;
+    let raster = Raster::whole(pixels, width, height, config.channels);
+    let key = key_of(entry);
+    // Not chosen before decoding (the header did not give the size): choose now.
+    let computed;
+    let selected = match selected {
+        None if config.select.is_some() => {
+            computed = select_cells(config, &key, &grid, level)
+                .map_err(|m| failure(entry, "select", m))?;
+            computed.as_deref()
+        }
+        given => given,
+    };
+    let cut = cut_of(config, level, selected);
+    Ok((0..grid.rows)
+        .map(|row| {
+            if config.drop_unselected
+                && selected.is_some_and(|s| (0..grid.cols).all(|c| !s[grid.index(row, c)]))
+            {
+                return RecordBatch::new_empty(patch_schema());
+            }
+            segment_batch(&key, &grid, row, 0..grid.cols, Some(&raster), &cut)
+        })
+        .collect())
+}
