@@ -40,6 +40,7 @@ pub struct Ledger {
 }
 
 /// Where in an epoch a checkpoint is taken: mid-epoch (`Some`) or after the last (`None`).
+#[derive(Clone, Copy)]
 pub struct EpochPosition<'a> {
     /// The epoch in progress (1-based).
     pub epoch: u64,

@@ -28,7 +28,7 @@ use crate::patch::SpoolPolicy;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
-use crate::source::{Failure, stream_images};
+use crate::source::{Failure, ImageEntry, stream_images};
 use crate::state::LatentStore;
 use crate::state::checkpoint::{self, CheckpointError};
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
@@ -369,8 +369,64 @@ pub fn run_epoch(
     let mut order = data.train_set.clone();
     Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
     let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
-    // A resumed epoch skips the images its checkpoint had accounted for.
-    let (skip, start) = match session.resumed.take() {
+    let (skip, start) = resume_point(session, epoch, &order_ids)?;
+    let train_n = data.train_set.len();
+    observer.epoch_started(
+        &format!("epoch {epoch}/{}", def.train.epochs),
+        train_n + data.val_set.len(),
+    );
+    session.trainer.epoch = epoch;
+    let position = EpochPosition {
+        epoch,
+        order: &order_ids,
+        pass: &start,
+    };
+    let train = train_pass(def, data, session, &order[skip..], position, rt, observer)?;
+    let rx = stream_images(
+        data.images.clone(),
+        data.val_set.clone(),
+        data.stream.clone(),
+    );
+    let eval = session.trainer.run_pass(
+        Phase::Evaluate,
+        rx,
+        PassOutcome::default(),
+        |n| observer.images_done(train_n + n),
+        |_, _| Ok::<(), RunError>(()),
+    )?;
+    account(def, data, &mut session.ledger, epoch, &train, &eval)?;
+    let row = epoch_metrics(epoch, &session.trainer, &train, &eval, data.classes);
+    observer.note(&format!(
+        "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} qwk {:.3} | {:.0} patches/s, {:.1} images/s | {:.1} s",
+        def.train.epochs,
+        row.train_loss,
+        row.train_accuracy,
+        row.val_loss,
+        row.val_accuracy,
+        row.val_qwk,
+        row.patches_per_s,
+        row.images_per_s,
+        row.seconds
+    ));
+    observer.epoch_finished(&row);
+    let ledger = &mut session.ledger;
+    ledger.metrics.push(row);
+    ledger.last_predictions = eval.predictions;
+    // Written every epoch, so an interrupted run still has its curves so far.
+    let batch = metrics_batch(&ledger.metrics);
+    rt.block_on(data.output.put("metrics.parquet", to_parquet(&batch)))?;
+    rt.block_on(data.output.put("metrics.csv", to_csv(&batch)))?;
+    Ok(())
+}
+
+/// Where `epoch` starts: at its beginning, or, for the epoch a checkpoint was taken in, after
+/// the images it had accounted for (refused when the epoch's order is not the one it saved).
+fn resume_point(
+    session: &mut Session,
+    epoch: u64,
+    order_ids: &[String],
+) -> Result<(usize, PassOutcome), RunError> {
+    match session.resumed.take() {
         // (A finished run's state has no order: training longer starts a new epoch.)
         Some(s) if s.epoch == epoch && !s.epoch_order.is_empty() => {
             if s.epoch_order != order_ids {
@@ -378,32 +434,35 @@ pub fn run_epoch(
                     "the training images changed since the checkpoint (epoch {epoch} order differs); start over with --fresh"
                 )));
             }
-            (s.position, s.pass)
+            Ok((s.position, s.pass))
         }
-        _ => (0, PassOutcome::default()),
-    };
-    let train_n = data.train_set.len();
-    observer.epoch_started(
-        &format!("epoch {epoch}/{}", def.train.epochs),
-        train_n + data.val_set.len(),
-    );
+        _ => Ok((0, PassOutcome::default())),
+    }
+}
+
+/// The training pass over `images` (the rest of the epoch's order), continuing `start.pass`,
+/// with a checkpoint every `checkpoint.every_steps` optimizer steps.
+fn train_pass(
+    def: &Definition,
+    data: &Prepared,
+    session: &mut Session,
+    images: &[ImageEntry],
+    start: EpochPosition,
+    rt: &Runtime,
+    observer: &dyn RunObserver,
+) -> Result<PassOutcome, RunError> {
     let Session {
         trainer,
         ledger,
         last_checkpoint_steps,
         ..
     } = session;
-    trainer.epoch = epoch;
-    let rx = stream_images(
-        data.images.clone(),
-        order[skip..].to_vec(),
-        data.stream.clone(),
-    );
+    let rx = stream_images(data.images.clone(), images.to_vec(), data.stream.clone());
     let every = def.checkpoint.every_steps as i64;
-    let train = trainer.run_pass(
+    trainer.run_pass(
         Phase::Train,
         rx,
-        start,
+        start.pass.clone(),
         |n| observer.images_done(n),
         |trainer: &Trainer, pass: &PassOutcome| -> Result<(), RunError> {
             let steps = trainer.optimizer.steps;
@@ -411,11 +470,7 @@ pub fn run_epoch(
                 return Ok(());
             }
             *last_checkpoint_steps = steps;
-            let position = EpochPosition {
-                epoch,
-                order: &order_ids,
-                pass,
-            };
+            let position = EpochPosition { pass, ..start };
             let state = TrainingState::capture(trainer, ledger, Some(position), def);
             rt.block_on(save(
                 &data.checkpoints,
@@ -424,19 +479,19 @@ pub fn run_epoch(
                 def.checkpoint.keep,
             ))
         },
-    )?;
-    let rx = stream_images(
-        data.images.clone(),
-        data.val_set.clone(),
-        data.stream.clone(),
-    );
-    let eval = trainer.run_pass(
-        Phase::Evaluate,
-        rx,
-        PassOutcome::default(),
-        |n| observer.images_done(train_n + n),
-        |_, _| Ok::<(), RunError>(()),
-    )?;
+    )
+}
+
+/// Record an epoch's failures (and, in the first epoch, the images used); stop when
+/// `on_error: stop` says so or when no training image could be used.
+fn account(
+    def: &Definition,
+    data: &Prepared,
+    ledger: &mut Ledger,
+    epoch: u64,
+    train: &PassOutcome,
+    eval: &PassOutcome,
+) -> Result<(), RunError> {
     let failures = train.failures.iter().chain(&eval.failures);
     if epoch == 1 {
         let listed = data.train_set.iter().chain(&data.val_set);
@@ -457,26 +512,6 @@ pub fn run_epoch(
                 .map_or("-".into(), |f| format!("'{}': {}", f.image_id, f.message))
         )));
     }
-    let row = epoch_metrics(epoch, trainer, &train, &eval, data.classes);
-    observer.note(&format!(
-        "epoch {epoch}/{}: train loss {:.4} acc {:.3} | val loss {:.4} acc {:.3} qwk {:.3} | {:.0} patches/s, {:.1} images/s | {:.1} s",
-        def.train.epochs,
-        row.train_loss,
-        row.train_accuracy,
-        row.val_loss,
-        row.val_accuracy,
-        row.val_qwk,
-        row.patches_per_s,
-        row.images_per_s,
-        row.seconds
-    ));
-    observer.epoch_finished(&row);
-    ledger.metrics.push(row);
-    ledger.last_predictions = eval.predictions;
-    // Written every epoch, so an interrupted run still has its curves so far.
-    let batch = metrics_batch(&ledger.metrics);
-    rt.block_on(data.output.put("metrics.parquet", to_parquet(&batch)))?;
-    rt.block_on(data.output.put("metrics.csv", to_csv(&batch)))?;
     Ok(())
 }
 

@@ -50,7 +50,9 @@ pub(super) async fn open_tiff(
         Err(e) => return failed(failure(&entry, "decode", e.to_string())),
     };
     let (width, height) = (dir.width as usize, dir.height as usize);
-    if let Err(message) = check_declared_size(width, height, &config) {
+    if let Err(message) =
+        check_declared_size(width, height, config.channels, config.resize_to.is_some())
+    {
         return failed(failure(
             &entry,
             "decode",

@@ -300,11 +300,13 @@ pub const MAX_IMAGE_PIXELS: u64 = 1 << 34;
 /// before resizing it): the `image` crate's default limit for PNG and JPEG, 512 MiB.
 pub const MAX_WHOLE_IMAGE_BYTES: u64 = 512 << 20;
 
-/// Refuse a declared size that could not be allocated, naming it and the limit.
+/// Refuse a declared size that could not be allocated, naming it and the limit; an image
+/// `decoded_whole` must also fit [`MAX_WHOLE_IMAGE_BYTES`].
 pub(super) fn check_declared_size(
     width: usize,
     height: usize,
-    config: &StreamConfig,
+    channels: usize,
+    decoded_whole: bool,
 ) -> Result<(), String> {
     let pixels = width as u64 * height as u64;
     if pixels > MAX_IMAGE_PIXELS {
@@ -312,11 +314,10 @@ pub(super) fn check_declared_size(
             "declares {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} pixels an image may have"
         ));
     }
-    let whole = pixels * config.channels as u64;
-    if config.resize_to.is_some() && whole > MAX_WHOLE_IMAGE_BYTES {
+    let whole = pixels * channels as u64;
+    if decoded_whole && whole > MAX_WHOLE_IMAGE_BYTES {
         return Err(format!(
-            "{width} x {height} x {} channels is {} MiB decoded whole (resize_to reads the level at once); at most {} MiB: choose a smaller level",
-            config.channels,
+            "declares {width} x {height} pixels: {} MiB decoded whole at {channels} channel(s), more than the {} MiB allowed (PNG and JPEG are decoded whole, and so is a TIFF level for the GD baseline); use a tiled TIFF, or a smaller level",
             whole >> 20,
             MAX_WHOLE_IMAGE_BYTES >> 20
         ));

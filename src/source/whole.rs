@@ -33,6 +33,12 @@ pub(super) async fn open_whole(
             ),
         ));
     }
+    // The size the header declares, checked before the rest is fetched or anything decoded.
+    if let Some((width, height)) = header_dimensions(&head)
+        && let Err(message) = check_declared_size(width, height, config.channels, true)
+    {
+        return failed(failure(&entry, "decode", message));
+    }
     // Geometry from the header alone, where that is all the consumer needs.
     let mut selected = None;
     if config.read == Read::Geometry || config.select.is_some() {
@@ -41,9 +47,6 @@ pub(super) async fn open_whole(
             None => header_dimensions(&head),
         };
         if let Some((width, height)) = dims {
-            if let Err(message) = check_declared_size(width, height, &config) {
-                return failed(failure(&entry, "decode", message));
-            }
             let grid = match Grid::new(width, height, config.patch, config.stride) {
                 Ok(g) => g,
                 Err(e) => return failed(failure(&entry, "patch", e.to_string())),
@@ -98,6 +101,13 @@ pub(super) async fn open_whole(
 
 /// Width and height from a PNG or JPEG header, if the first bytes hold it.
 fn header_dimensions(head: &[u8]) -> Option<(usize, usize)> {
+    // A PNG states its size in the first chunk, IHDR, at a fixed place: read it there, so that
+    // even a file cut short after its header is checked.
+    if head.len() >= 24 && head.starts_with(b"\x89PNG\r\n\x1a\n") && &head[12..16] == b"IHDR" {
+        let be =
+            |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        return Some((be(16) as usize, be(20) as usize));
+    }
     let reader = image::ImageReader::new(std::io::Cursor::new(head))
         .with_guessed_format()
         .ok()?;

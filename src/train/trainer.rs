@@ -270,7 +270,7 @@ impl Trainer {
             };
             if let Err(e) = self.latents.put(&im.key.image_id, grid) {
                 // The store is a cache of recomputable values: losing an entry costs time only.
-                eprintln!("latent store: {e}");
+                tracing::warn!(image = %im.key.image_id, "latent store: {e}");
             }
         }
     }

@@ -582,8 +582,25 @@ async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_alloca
     far.extend(8u16.to_le_bytes());
     far.extend(0u16.to_le_bytes());
     far.extend((u64::MAX - 3).to_le_bytes());
+    // A PNG whose header claims 100,000 px square (and has no pixel data).
+    let png = {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend(100_000u32.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey
+        let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+        b.extend(13u32.to_be_bytes());
+        b.extend(&ihdr);
+        b.extend(crc32fast::hash(&ihdr).to_be_bytes());
+        b
+    };
     let files = [
         ("strip.tif", strip, "at most 256 MiB is decoded at once"),
+        (
+            "claims.png",
+            png,
+            "declares 100000 x 100000 pixels: 9536 MiB decoded whole",
+        ),
         (
             "huge.tif",
             huge,
@@ -596,13 +613,16 @@ async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_alloca
         out.put(&format!("images/{name}"), bytes.clone())
             .await
             .unwrap();
-        labels.push_str(&format!("{},0,train\n", name.trim_end_matches(".tif")));
+        let id = name.rsplit_once('.').unwrap().0;
+        labels.push_str(&format!("{id},0,train\n"));
     }
     out.put("labels.csv", labels).await.unwrap();
     let images = Location::parse(&format!("{root}/images")).unwrap();
     let catalog = Catalog::load(&images, &format!("{root}/labels.csv"), &Default::default())
         .await
         .unwrap();
+    assert!(catalog.failures.is_empty(), "{:?}", catalog.failures);
+    assert_eq!(catalog.images.len(), files.len());
     for read in [
         patchgd::source::stream::Read::Geometry,
         patchgd::source::stream::Read::Pixels,
@@ -623,7 +643,7 @@ async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_alloca
             }
         }
         for (name, _, words) in &files {
-            let id = name.trim_end_matches(".tif");
+            let id = name.rsplit_once('.').unwrap().0;
             let f = failures
                 .iter()
                 .find(|f| f.image_id == id)
