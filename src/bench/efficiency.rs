@@ -11,7 +11,7 @@ use super::{BenchOptions, generate, median, pipeline_yaml};
 use crate::model::{BackboneKind, ModelSpec};
 use crate::patch::{ImageAssembler, ImagePatches};
 use crate::pipeline::Definition;
-use crate::pipeline::runner::{build_trainer, choose_device};
+use crate::pipeline::setup::{build_trainer, choose_device};
 use crate::source::{Catalog, ImageEntry, SourceItem, Split, stream_images};
 use crate::storage::Location;
 use crate::synth::ImageFormat;

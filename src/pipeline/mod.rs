@@ -7,6 +7,8 @@ pub mod definition;
 pub mod observer;
 pub mod prepare;
 pub mod runner;
+pub mod setup;
+pub mod summary;
 
 pub use definition::{Definition, DefinitionError};
 pub use observer::{LogObserver, RunObserver};

@@ -15,25 +15,22 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
 use tch::Device;
 use tokio::runtime::Runtime;
 
 use super::checkpoint::{EpochPosition, Ledger, TrainingState, restore, save};
-use super::definition::{Definition, DeviceChoice, OnError};
+use super::definition::{Definition, OnError};
 use super::observer::{LogObserver, RunObserver};
 use super::prepare::{Prepared, prepare};
-use crate::model::{Method, Model, ModelSpec};
-use crate::patch::SpoolPolicy;
+use super::setup::{build_trainer, choose_device, device_name};
+pub use super::summary::RunSummary;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
 use crate::source::{Failure, ImageEntry, stream_images};
-use crate::state::LatentStore;
 use crate::state::checkpoint::{self, CheckpointError};
 use crate::train::metrics::{peak_rss_bytes, quadratic_weighted_kappa};
-use crate::train::{LossScaler, Precision};
-use crate::train::{LrSchedule, PassOutcome, Phase, Trainer, TrainerConfig};
+use crate::train::{PassOutcome, Phase, Trainer};
 
 /// Why a run stopped. Each names what it was about (image, object, key, file) and keeps the
 /// error that caused it as its source.
@@ -105,125 +102,6 @@ impl std::fmt::Debug for RunOptions {
             .field("fresh", &self.fresh)
             .field("observer", &self.observer.as_ref().map(|_| "custom"))
             .finish()
-    }
-}
-
-/// What a run did, written as summary.json and returned to the caller.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunSummary {
-    /// The pipeline's `name`.
-    pub name: String,
-    /// PatchGD or GD.
-    pub method: Method,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
-    /// Classes the model predicts.
-    pub classes: i64,
-    /// Epochs the run has trained.
-    pub epochs: u64,
-    /// Objects under the images URL.
-    pub images_seen: usize,
-    /// Images trained or evaluated on in the first epoch.
-    pub images_used: usize,
-    /// Distinct images in the errors table.
-    pub images_failed: usize,
-    /// Rows of the labels table that match no object under the images URL.
-    pub labels_without_image: usize,
-    /// Labelled images that the pipeline's `select:` query left out.
-    pub images_deselected: usize,
-    /// Labelled training images (split `train`).
-    pub train_images: usize,
-    /// Labelled validation images (split `val`).
-    pub val_images: usize,
-    /// Validation accuracy after the last epoch.
-    pub final_val_accuracy: f64,
-    /// Validation quadratic weighted kappa after the last epoch.
-    pub final_val_qwk: f64,
-    /// Validation loss after the last epoch.
-    pub final_val_loss: f64,
-    /// Wall time of this process's part of the run.
-    pub wall_seconds: f64,
-    /// The output URL.
-    pub output: String,
-    /// Fill-pass cells taken from the latent store instead of encoded (`latent.reuse`), in this
-    /// process (a resumed run counts from its resume).
-    pub latent_cells_reused: u64,
-    /// Image passes (training and evaluation) whose patches waited in a spool file
-    /// (`train.spool_above_mib`), in this process.
-    pub images_spooled: u64,
-    /// Images whose Z the latent store holds at the end.
-    pub latent_images: usize,
-}
-
-/// The trainer a definition describes: model (seeded), optimizer, schedule over `train_images`
-/// per epoch, latent store, spool and precision settings.
-pub fn build_trainer(
-    def: &Definition,
-    spec: ModelSpec,
-    device: Device,
-    train_images: usize,
-) -> Result<Trainer, RunError> {
-    if def.train.precision == Precision::F16 && !device.is_cuda() {
-        return Err(RunError::Device(format!(
-            "train.precision f16 needs a CUDA device (libtorch's autocast, as tch exposes it, \
-             covers CUDA only), but this run's device is {}; use precision bf16 or f32",
-            device_name(device)
-        )));
-    }
-    let steps_per_epoch = train_images.div_ceil(def.train.batch_size) as f64;
-    let schedule = LrSchedule {
-        peak: def.train.lr,
-        warmup_steps: (def.train.warmup_epochs * steps_per_epoch).round() as u64,
-        horizon_steps: (def.train.decay_epochs.unwrap_or(def.train.epochs as f64) * steps_per_epoch)
-            .round() as u64,
-    };
-    if def.train.precision == Precision::Bf16 {
-        crate::train::determinism::set_deterministic_mkldnn(true);
-    }
-    let mut model = Model::seeded(spec, device, def.train.seed);
-    model.set_precision(def.train.precision);
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            batch_size: def.train.batch_size,
-            sampling_fraction: def.patchgd.sampling_fraction,
-            accumulation: def.patchgd.accumulation,
-            fill_chunk: def.patchgd.fill_chunk,
-            schedule,
-            weight_decay: def.train.weight_decay,
-            seed: def.train.seed,
-            reuse_max_age: def.latent.reuse.then_some(def.latent.max_age_steps),
-            spool: SpoolPolicy {
-                above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
-            },
-        },
-        LatentStore::new(
-            def.latent.budget_mib << 20,
-            def.latent.spill_dir.as_deref().map(std::path::Path::new),
-        )?,
-    );
-    if def.train.precision == Precision::F16 {
-        trainer.optimizer.scaler = Some(LossScaler::default());
-    }
-    Ok(trainer)
-}
-
-/// The device `train.device` asks for; an error when CUDA is required but absent.
-pub fn choose_device(choice: DeviceChoice) -> Result<Device, RunError> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(RunError::Device(
-            "train.device is cuda but no CUDA device is available".into(),
-        )),
-    }
-}
-
-fn device_name(d: Device) -> String {
-    match d {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
     }
 }
 

@@ -225,7 +225,7 @@ fn a_bf16_resume_restores_its_state_exactly_and_ends_identical_wherever_bf16_is_
     let mut other = def.clone();
     other.train.seed += 1;
     let mut trainer =
-        patchgd::pipeline::runner::build_trainer(&other, spec, tch::Device::Cpu, 24).unwrap();
+        patchgd::pipeline::setup::build_trainer(&other, spec, tch::Device::Cpu, 24).unwrap();
     trainer
         .restore(&weights, &moments, steps[1] as i64, 0, [1, 2, 3, 4])
         .unwrap();
