@@ -13,6 +13,38 @@ pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
 pub use precision::Precision;
 
+/// Saved tensors (a checkpoint's weights or optimizer state) that do not fit what they are
+/// loaded into.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A tensor the model or optimizer has is not in the saved file.
+    #[error("the saved {what} have no tensor '{name}'")]
+    Missing {
+        /// `weights` or `optimizer state`.
+        what: &'static str,
+        /// The tensor's name.
+        name: String,
+    },
+    /// A saved tensor's shape differs from the model's.
+    #[error("saved tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor's name.
+        name: String,
+        /// Its shape in the file.
+        found: Vec<i64>,
+        /// The shape the model or optimizer has.
+        expected: Vec<i64>,
+    },
+    /// A saved value that cannot be what it claims (the loss scaler's state).
+    #[error("saved '{name}': {reason}")]
+    Invalid {
+        /// The tensor's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
 use std::collections::BTreeMap;
 
 use tch::nn;
@@ -207,19 +239,22 @@ impl Model {
     }
 
     /// Overwrite every variable with the tensor of the same name (a checkpoint's weights).
-    pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+    pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), LoadError> {
         let by_name: std::collections::HashMap<&str, &Tensor> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         for (name, mut var) in self.vs.variables() {
             let t = by_name
                 .get(name.as_str())
-                .ok_or_else(|| format!("weights have no tensor '{name}'"))?;
+                .ok_or_else(|| LoadError::Missing {
+                    what: "weights",
+                    name: name.clone(),
+                })?;
             if t.size() != var.size() {
-                return Err(format!(
-                    "tensor '{name}' has shape {:?}, the model expects {:?}",
-                    t.size(),
-                    var.size()
-                ));
+                return Err(LoadError::Shape {
+                    name: name.clone(),
+                    found: t.size(),
+                    expected: var.size(),
+                });
             }
             tch::no_grad(|| {
                 let t = t.to_device(var.device());

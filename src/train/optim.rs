@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::precision::LossScaler;
-use crate::model::Param;
+use crate::model::{LoadError, Param};
 
 /// A value that must be finite was not: what it was (`loss`, `gradient of 'NAME'`, a variable).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -151,7 +151,7 @@ impl Adam {
     }
 
     /// Restore the moments (as written by [`Adam::state`]) and the step count.
-    pub fn load_state(&mut self, steps: i64, state: &[(String, Tensor)]) -> Result<(), String> {
+    pub fn load_state(&mut self, steps: i64, state: &[(String, Tensor)]) -> Result<(), LoadError> {
         let by_name: std::collections::HashMap<&str, &Tensor> =
             state.iter().map(|(n, t)| (n.as_str(), t)).collect();
         for (i, p) in self.params.iter().enumerate() {
@@ -159,18 +159,27 @@ impl Adam {
                 let key = format!("{prefix}.{}", p.name);
                 let t = by_name
                     .get(key.as_str())
-                    .ok_or_else(|| format!("optimizer state has no tensor '{key}'"))?;
+                    .ok_or_else(|| LoadError::Missing {
+                        what: "optimizer state",
+                        name: key.clone(),
+                    })?;
                 let p = &p.master;
                 if t.size() != p.size() {
-                    return Err(format!("optimizer tensor '{key}' has the wrong shape"));
+                    return Err(LoadError::Shape {
+                        name: key,
+                        found: t.size(),
+                        expected: p.size(),
+                    });
                 }
                 tch::no_grad(|| slot.copy_(&t.to_device(p.device())));
             }
         }
         if let Some(s) = &mut self.scaler {
-            let t = by_name.get("scaler").ok_or(
-                "optimizer state has no loss scaler (the run was saved without mixed precision)",
-            )?;
+            // (A run saved without mixed precision has none.)
+            let t = by_name.get("scaler").ok_or_else(|| LoadError::Missing {
+                what: "optimizer state",
+                name: "scaler".into(),
+            })?;
             *s = LossScaler::from_tensor(t)?;
         }
         self.steps = steps;

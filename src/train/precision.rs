@@ -12,6 +12,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::model::LoadError;
 pub use crate::model::Precision;
 
 /// Dynamic loss scale.
@@ -74,9 +75,14 @@ impl LossScaler {
         Tensor::from_slice(&[self.scale, self.good_steps as f64, self.skipped as f64])
     }
 
-    pub fn from_tensor(t: &Tensor) -> Result<Self, String> {
+    /// The scaler [`LossScaler::to_tensor`] saved.
+    pub fn from_tensor(t: &Tensor) -> Result<Self, LoadError> {
+        let invalid = |reason: String| LoadError::Invalid {
+            name: "scaler".into(),
+            reason,
+        };
         let v: Vec<f64> = Vec::try_from(t.to_kind(Kind::Double).view([-1]))
-            .map_err(|e| format!("loss scaler state: {e}"))?;
+            .map_err(|e: tch::TchError| invalid(e.to_string()))?;
         match v.as_slice() {
             [scale, good, skipped] => Ok(Self {
                 scale: *scale,
@@ -84,10 +90,7 @@ impl LossScaler {
                 skipped: *skipped as u64,
                 ..Self::default()
             }),
-            _ => Err(format!(
-                "loss scaler state has {} values, expected 3",
-                v.len()
-            )),
+            _ => Err(invalid(format!("{} values, expected 3", v.len()))),
         }
     }
 }

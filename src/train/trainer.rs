@@ -203,7 +203,7 @@ impl Trainer {
         optimizer_steps: i64,
         outer_steps: u64,
         rng: [u64; 4],
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::model::LoadError> {
         self.model.load_named(weights)?;
         self.optimizer.load_state(optimizer_steps, optimizer)?;
         self.outer_steps = outer_steps;
