@@ -7,7 +7,9 @@ use patchgd::source::tiff::TiffFile;
 use patchgd::storage::Location;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let loc = Location::parse("memory://fuzz-tiff").unwrap();
         loc.put("x.tif", bytes::Bytes::copy_from_slice(data))
