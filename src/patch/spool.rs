@@ -32,6 +32,19 @@ impl Spool {
         })
     }
 
+    /// A spool whose reads fail (a write-only file): how tests stand in for a disk error.
+    #[cfg(test)]
+    pub(crate) fn unreadable(cells: usize, patch_bytes: usize) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tempfile::NamedTempFile::new()?.path())?;
+        Ok(Self {
+            file: Arc::new(file),
+            patch_bytes,
+            cells,
+        })
+    }
+
     pub fn write_cell(&self, cell: usize, bytes: &[u8]) -> io::Result<()> {
         assert!(cell < self.cells && bytes.len() == self.patch_bytes);
         self.file

@@ -251,3 +251,39 @@ impl GridBatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::{ImageKey, Spool};
+
+    #[test]
+    fn a_spooled_patch_that_cannot_be_read_back_is_reported_not_a_panic() {
+        let (m, c, cells) = (2, 1, 4);
+        let image = |id: &str, pixels| ImagePatches {
+            key: ImageKey {
+                image_id: id.into(),
+                label: Some(0),
+                split: None,
+            },
+            grid_rows: 2,
+            grid_cols: 2,
+            patch: m,
+            channels: c,
+            pixels,
+            present: vec![true; cells],
+        };
+        let good = image("good", PatchPixels::Memory(vec![7; cells * m * m * c]));
+        let spool = Spool::unreadable(cells, m * m * c).unwrap();
+        let bad = image("bad", PatchPixels::Spooled(spool));
+        let batch = GridBatch::from_images(&[good, bad], Device::Cpu);
+        // Cell 1 of the first image reads; cell 2 of the second (flat 4 + 2) does not.
+        let patches = batch.patches(&[1, 6]);
+        assert_eq!(patches.size(), [2, 1, 2, 2]);
+        let err = batch.check_reads().unwrap_err();
+        assert_eq!((err.image_id.as_str(), err.cell), ("bad", 2));
+        assert!(err.to_string().contains("image 'bad'"), "{err}");
+        // Reported once: the next check starts clean.
+        assert!(batch.check_reads().is_ok());
+    }
+}
