@@ -418,13 +418,37 @@ impl Location {
     /// Every object under the prefix, sorted by path so that listings are deterministic.
     pub async fn list(&self) -> Result<Vec<ObjectMeta>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let mut objects: Vec<ObjectMeta> = self
-            .store
-            .list(prefix)
-            .try_collect()
-            .await
-            .map_err(|source| io_error("list", self.url.clone(), source))?;
+        let listed = if self.is_http() {
+            self.list_level_by_level().await
+        } else {
+            self.store.list(prefix).try_collect().await
+        };
+        let mut objects = listed.map_err(|source| io_error("list", self.url.clone(), source))?;
         objects.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(objects)
+    }
+
+    fn is_http(&self) -> bool {
+        self.url.starts_with("http://") || self.url.starts_with("https://")
+    }
+
+    /// A WebDAV listing one directory at a time (`Depth: 1`): object_store lists an HTTP
+    /// prefix with one `Depth: infinity` PROPFIND, which RFC 4918 lets servers refuse, and
+    /// nginx does (403). A missing directory lists as empty, as a prefix does in other stores.
+    async fn list_level_by_level(&self) -> object_store::Result<Vec<ObjectMeta>> {
+        let mut objects = Vec::new();
+        let mut pending = vec![self.prefix.clone()];
+        while let Some(dir) = pending.pop() {
+            let at = (!dir.as_ref().is_empty()).then_some(&dir);
+            match self.store.list_with_delimiter(at).await {
+                Ok(level) => {
+                    objects.extend(level.objects);
+                    pending.extend(level.common_prefixes);
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(objects)
     }
 }

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: small generated data sets in memory:// stores.
 
+use arrow::record_batch::RecordBatch;
 use patchgd::source::decode::encode_png;
-use patchgd::storage::Location;
+use patchgd::source::{Catalog, Failure, SourceItem, Split, StreamConfig, stream_images};
+use patchgd::storage::{Location, StoreOptions};
 
 /// A unique memory:// URL per test, so tests in one process never share objects.
 pub fn memory_url(test: &str) -> String {
@@ -78,4 +80,26 @@ pub async fn read_parquet(loc: &Location, name: &str) -> Vec<arrow::record_batch
 pub fn safetensors_header(bytes: &[u8]) -> serde_json::Value {
     let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     serde_json::from_slice(&bytes[8..8 + len]).unwrap()
+}
+
+/// Every batch of a split, in order, and the failures.
+pub async fn stream_all(
+    images: &str,
+    labels: &str,
+    options: &StoreOptions,
+    config: StreamConfig,
+) -> (Vec<RecordBatch>, Vec<Failure>, usize) {
+    let loc = Location::parse_with(images, options).unwrap();
+    let catalog = Catalog::load(&loc, labels, options).await.unwrap();
+    let entries = catalog.split(Split::Train);
+    let n = entries.len();
+    let mut rx = stream_images(loc, entries, config);
+    let (mut batches, mut failures) = (Vec::new(), Vec::new());
+    while let Some(item) = rx.recv().await {
+        match item {
+            SourceItem::Batch(b) => batches.push(b.batch.clone()),
+            SourceItem::Failed(f) => failures.push(f),
+        }
+    }
+    (batches, failures, n)
 }

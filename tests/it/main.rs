@@ -9,6 +9,7 @@ mod pipeline_files;
 mod s3;
 mod source;
 mod sql;
+mod stores;
 mod synth;
 mod tiff;
 mod training;

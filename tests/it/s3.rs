@@ -5,36 +5,13 @@
 
 use std::process::Command;
 
-use arrow::record_batch::RecordBatch;
 use patchgd::source::tiff::write::TileCompression;
 use patchgd::source::{Catalog, SourceItem, Split, StreamConfig, stream_images};
-use patchgd::storage::{Location, StoreOptions};
+use patchgd::storage::Location;
 use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
 use patchgd::testkit::S3Server;
 
-use crate::common::memory_url;
-
-/// Every batch of a split, in order, and the failures.
-async fn stream_all(
-    images: &str,
-    labels: &str,
-    options: &StoreOptions,
-    config: StreamConfig,
-) -> (Vec<RecordBatch>, Vec<patchgd::source::Failure>, usize) {
-    let loc = Location::parse_with(images, options).unwrap();
-    let catalog = Catalog::load(&loc, labels, options).await.unwrap();
-    let entries = catalog.split(Split::Train);
-    let n = entries.len();
-    let mut rx = stream_images(loc, entries, config);
-    let (mut batches, mut failures) = (Vec::new(), Vec::new());
-    while let Some(item) = rx.recv().await {
-        match item {
-            SourceItem::Batch(b) => batches.push(b.batch.clone()),
-            SourceItem::Failed(f) => failures.push(f),
-        }
-    }
-    (batches, failures, n)
-}
+use crate::common::{memory_url, stream_all};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_gives_the_same_patches_as_memory_for_png_and_tiled_tiff() {

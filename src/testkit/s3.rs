@@ -1,53 +1,38 @@
-//! A real S3-compatible server (moto's, installed into .venv by `scripts/test`) on 127.0.0.1, for
-//! the tests and the ingest benchmark. Not a mock: the same HTTP API as S3.
+//! S3: moto's server (`.venv/bin/moto_server`).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::process::Command;
 
+use super::{Process, free_port, require, venv};
 use crate::storage::StoreOptions;
 
 /// A running moto_server; stopped when dropped.
 pub struct S3Server {
-    child: Child,
+    _process: Process,
     pub port: u16,
 }
 
 impl S3Server {
     /// Where `scripts/test` installs the server.
     pub fn binary() -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
+        venv("bin/moto_server")
     }
 
     /// Start moto_server on a free port and wait until it accepts connections.
     pub fn start() -> Self {
         let bin = Self::binary();
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/test, which installs moto[server] into .venv",
-            bin.display()
+        require(&bin, "moto");
+        let port = free_port();
+        let process = Process::start(
+            "moto_server",
+            Command::new(bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+            port,
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "moto_server did not listen on port {port} within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        Self {
+            _process: process,
+            port,
         }
-        Self { child, port }
     }
 
     pub fn endpoint(&self) -> String {
@@ -91,12 +76,5 @@ impl S3Server {
             o.options.insert(k.into(), v.into());
         }
         o
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
