@@ -8,10 +8,11 @@
 //!    `ratio+p` by (cores x the single-core rate of decoding and cutting the patches with their
 //!    statistics), i.e. how well the pipeline spreads the same work over the cores.
 //! 2. Peak RSS of `patchgd inspect --scan` (a separate process per size) patching generated tiled
-//!    TIFFs of 8k, 16k and 32k px with the same settings.
+//!    TIFFs of 8k, 16k and 32k px, and PNGs (read row by row) of 8k, 16k and 20k px, with the
+//!    same settings.
 //!
-//! `scripts/bench` runs it in full; under `cargo test` (no `--bench`) it runs small sizes as a
-//! smoke test.
+//! `scripts/bench` runs it in full (`cargo bench --bench ingest -- rss`: only part 2); under
+//! `cargo test` (no `--bench`) it runs small sizes as a smoke test.
 
 use std::process::Command;
 use std::time::Instant;
@@ -201,11 +202,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let only_rss = std::env::args().any(|a| a == "rss");
     let (copies, repeats) = if full { (8, 3) } else { (1, 1) };
+    let dir = tempfile::tempdir().unwrap();
+    if !only_rss {
+        throughput(cores, copies, repeats, dir.path()).await;
+    }
+    peak_rss(full, dir.path());
+}
+
+/// Part 1: decode and pipeline rates per format and store.
+async fn throughput(cores: usize, copies: usize, repeats: usize, dir: &std::path::Path) {
     let (px, w, h) = reference_pixels().await;
     let image_mb = (w * h * 3) as f64 / 1e6;
-    let dir = tempfile::tempdir().unwrap();
-    let local = Location::parse(dir.path().to_str().unwrap()).unwrap();
+    let local = Location::parse(dir.to_str().unwrap()).unwrap();
     let server = S3Server::binary().exists().then(S3Server::start);
     let s3 = server.as_ref().map(|s| {
         s.create_bucket("ingest");
@@ -270,31 +280,45 @@ async fn main() {
             S3Server::binary().display()
         );
     }
+}
 
-    // Peak RSS while patching big tiled TIFFs, one process per size.
-    let sizes: &[u32] = if full {
-        &[8192, 16384, 32768]
+/// Part 2: peak RSS while patching big tiled TIFFs and PNGs, one process per image.
+fn peak_rss(full: bool, dir: &std::path::Path) {
+    let runs: &[(&str, u32)] = if full {
+        &[
+            ("tiff", 8192),
+            ("tiff", 16384),
+            ("tiff", 32768),
+            ("png", 8192),
+            ("png", 16384),
+            ("png", 20480),
+        ]
     } else {
-        &[1024, 2048]
+        &[("tiff", 1024), ("tiff", 2048), ("png", 1024), ("png", 2048)]
     };
     println!(
         "\nPeak RSS of `patchgd inspect --scan` (patches {PATCH} px, RGB, 2 workers, 128 MiB buffer):"
     );
     println!(
-        "{:>8} {:>10} {:>10} {:>18} {:>14} {:>10}",
-        "size", "patches", "seconds", "RSS before MiB", "peak RSS MiB", "growth"
+        "{:<6} {:>8} {:>12} {:>10} {:>10} {:>18} {:>14} {:>10}",
+        "format",
+        "size",
+        "object MiB",
+        "patches",
+        "seconds",
+        "RSS before MiB",
+        "peak RSS MiB",
+        "growth"
     );
     let bin = env!("CARGO_BIN_EXE_patchgd");
-    for &size in sizes {
-        let out = dir.path().join(format!("tiff{size}"));
+    for &(format, size) in runs {
+        let out = dir.join(format!("{format}{size}"));
         let status = Command::new(bin)
             .args([
                 "synth",
                 "ultramnist",
                 "--format",
-                "tiff",
-                "--tile",
-                "256",
+                format,
                 "--classes",
                 "10",
                 "--train",
@@ -303,6 +327,11 @@ async fn main() {
                 "0",
             ])
             .args(["--size", &size.to_string(), "--out", out.to_str().unwrap()])
+            .args(if format == "tiff" {
+                &["--tile", "256"][..]
+            } else {
+                &[]
+            })
             .output()
             .unwrap();
         assert!(
@@ -310,7 +339,9 @@ async fn main() {
             "{}",
             String::from_utf8_lossy(&status.stderr)
         );
-        let file = out.join("images/train/000000.tif");
+        let ext = if format == "tiff" { "tif" } else { format };
+        let file = out.join(format!("images/train/000000.{ext}"));
+        let object_mib = std::fs::metadata(&file).unwrap().len() as f64 / (1 << 20) as f64;
         let scan = Command::new(bin)
             .args([
                 "inspect",
@@ -342,8 +373,10 @@ async fn main() {
         let before: f64 = field("RSS before scan ", " MiB").parse().unwrap();
         let peak: f64 = field("peak RSS ", " MiB").parse().unwrap();
         println!(
-            "{:>8} {:>10} {:>10} {:>18.0} {:>14.0} {:>10.0}",
+            "{:<6} {:>8} {:>12.1} {:>10} {:>10} {:>18.0} {:>14.0} {:>10.0}",
+            format,
             size,
+            object_mib,
             field("failed), ", " patches"),
             field("pixels in ", " s"),
             before,

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod decode;
 pub mod inspect;
 pub mod listing;
+mod png_rows;
 mod segments;
 pub mod stream;
 pub mod tiff;

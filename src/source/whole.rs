@@ -1,15 +1,20 @@
-//! PNG and JPEG: one request for the whole object, decoded whole (within the `image` crate's
-//! allocation limit), cut into one band per grid row.
+//! PNG and JPEG: one request for the whole object, cut into one band per grid row. A PNG is
+//! decoded row by row as its bands are asked for (memory: the compressed object and one band);
+//! a JPEG, an interlaced PNG and an image to be resized are decoded whole, within
+//! [`MAX_WHOLE_IMAGE_BYTES`](super::stream::MAX_WHOLE_IMAGE_BYTES).
 
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 
+use futures::{FutureExt, StreamExt};
+
 use super::decode::decode;
+use super::png_rows::{self, PngRows};
 use super::stream::{
-    Bands, Read, StreamConfig, blocking, check_declared_size, cut_of, failed, failure,
-    geometry_segment, key_of, ready_bands, select_cells,
+    Bands, MAX_WHOLE_IMAGE_BYTES, Read, StreamConfig, blocking, check_declared_size, cut_of,
+    failed, failure, geometry_segment, key_of, ready_bands, select_cells,
 };
 use super::{Failure, ImageEntry};
 use crate::patch::{Grid, Raster, patch_schema, segment_batch};
@@ -33,11 +38,14 @@ pub(super) async fn open_whole(
             ),
         ));
     }
+    let by_rows = png_rows::streams_by_rows(&head) && config.resize_to.is_none();
     // The size the header declares, checked before the rest is fetched or anything decoded.
-    if let Some((width, height)) = header_dimensions(&head)
-        && let Err(message) = check_declared_size(width, height, config.channels, true)
-    {
-        return failed(failure(&entry, "decode", message));
+    if let Some((width, height)) = header_dimensions(&head) {
+        let checked = check_declared_size(width, height, config.channels, !by_rows)
+            .and_then(|()| check_band(width, height, &config, by_rows));
+        if let Err(message) = checked {
+            return failed(failure(&entry, "decode", message));
+        }
     }
     // Geometry from the header alone, where that is all the consumer needs.
     let mut selected = None;
@@ -81,14 +89,17 @@ pub(super) async fn open_whole(
             .get_range(&entry.path, head.len() as u64..entry.size)
             .await
         {
-            Ok(rest) => [head, rest].concat(),
+            Ok(rest) => Bytes::from([head, rest].concat()),
             Err(e) => return failed(failure(&entry, "read", e.to_string())),
         }
     } else {
-        head.to_vec()
+        head
     };
-    let e = entry.clone();
     config.counters.decoded.add(1);
+    if by_rows {
+        return png_bands(entry, bytes, config, selected);
+    }
+    let e = entry.clone();
     match blocking(&entry, move || {
         cut_whole(&e, &bytes, &config, selected.as_deref())
     })
@@ -96,6 +107,137 @@ pub(super) async fn open_whole(
     {
         Ok(bands) => ready_bands(bands.into_iter().map(Ok).collect()),
         Err(f) => failed(f),
+    }
+}
+
+/// A band (one grid row of patches across the image) must fit what a whole image may take
+/// decoded: that is what a PNG read row by row holds at once.
+fn check_band(
+    width: usize,
+    height: usize,
+    config: &StreamConfig,
+    by_rows: bool,
+) -> Result<(), String> {
+    let band = (width as u64)
+        .saturating_mul(config.patch.min(height) as u64)
+        .saturating_mul(config.channels as u64);
+    if by_rows && band > MAX_WHOLE_IMAGE_BYTES {
+        return Err(format!(
+            "declares {width} x {height} pixels: one band of {} px patches across it would take {} MiB decoded, more than {} MiB",
+            config.patch,
+            band >> 20,
+            MAX_WHOLE_IMAGE_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// A PNG's bands, decoded row by row on the blocking pool, one grid row per step and only
+/// when the consumer asks for it (the stream's `buffered` stage runs a few ahead).
+fn png_bands(
+    entry: ImageEntry,
+    bytes: Bytes,
+    config: Arc<StreamConfig>,
+    selected: Option<Vec<bool>>,
+) -> Bands {
+    let first = PngBands {
+        bytes,
+        opened: None,
+        selected,
+        next: 0,
+    };
+    let entry = Arc::new(entry);
+    futures::stream::unfold(Some(first), move |state| {
+        let (entry, config) = (entry.clone(), config.clone());
+        async move {
+            let mut state = state?;
+            if state
+                .opened
+                .as_ref()
+                .is_some_and(|(_, g)| state.next >= g.rows)
+            {
+                return None;
+            }
+            let e = entry.clone();
+            let step = blocking(&entry, move || {
+                let batch = state.next_band(&e, &config)?;
+                Ok((batch, state))
+            })
+            .await;
+            Some(match step {
+                Ok((batch, state)) => (futures::future::ready(Ok(batch)).boxed(), Some(state)),
+                Err(f) => (futures::future::ready(Err(f)).boxed(), None),
+            })
+        }
+    })
+    .boxed()
+}
+
+/// Where a PNG read row by row has got to.
+struct PngBands {
+    bytes: Bytes,
+    /// The decoder and the image's grid, from the first band on.
+    opened: Option<(PngRows, Grid)>,
+    selected: Option<Vec<bool>>,
+    /// The grid row the next call cuts.
+    next: usize,
+}
+
+impl PngBands {
+    /// Cut the next grid row (opening the PNG on the first call).
+    fn next_band(
+        &mut self,
+        entry: &ImageEntry,
+        config: &StreamConfig,
+    ) -> Result<RecordBatch, Failure> {
+        let key = key_of(entry);
+        let (png, grid) = match &mut self.opened {
+            Some(opened) => opened,
+            None => {
+                let png = PngRows::open(self.bytes.clone(), config.channels)
+                    .map_err(|m| failure(entry, "decode", m))?;
+                let grid = Grid::new(png.width, png.height, config.patch, config.stride)
+                    .map_err(|e| failure(entry, "patch", e.to_string()))?;
+                if self.selected.is_none() && config.select.is_some() {
+                    self.selected = select_cells(config, &key, &grid, 0)
+                        .map_err(|m| failure(entry, "select", m))?;
+                }
+                self.opened.insert((png, grid))
+            }
+        };
+        let row = self.next;
+        self.next += 1;
+        let selected = self.selected.as_deref();
+        if row >= grid.rows
+            || config.drop_unselected
+                && selected.is_some_and(|s| (0..grid.cols).all(|c| !s[grid.index(row, c)]))
+        {
+            return Ok(RecordBatch::new_empty(patch_schema()));
+        }
+        let top = grid.origin(row, 0).1;
+        let (width, height) = (png.width, png.height);
+        let pixels = png
+            .rows(top, grid.patch)
+            .map_err(|m| failure(entry, "decode", m))?;
+        let raster = Raster {
+            pixels,
+            left: 0,
+            top,
+            width,
+            rows: pixels.len() / (width * config.channels),
+            image_width: width,
+            image_height: height,
+            channels: config.channels,
+        };
+        let cut = cut_of(config, 0, selected);
+        Ok(segment_batch(
+            &key,
+            grid,
+            row,
+            0..grid.cols,
+            Some(&raster),
+            &cut,
+        ))
     }
 }
 

@@ -77,3 +77,68 @@ async fn the_buffer_is_bounded_in_bytes() {
         "a large budget lets the whole set wait"
     );
 }
+
+/// Every patch of a PNG streamed row by row, checked against a crop of the whole decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_png_read_row_by_row_gives_the_patches_of_a_whole_decode_with_overlapping_strides() {
+    use arrow::array::{Array, BinaryArray, UInt32Array};
+    use patchgd::source::decode::{decode, encode_png};
+    let (w, h) = (100usize, 70usize);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let png = encode_png(w as u32, h as u32, 3, &rgb);
+    let root = memory_url("source-png-rows");
+    let out = Location::parse(&root).unwrap();
+    out.put("images/a.png", png.clone()).await.unwrap();
+    out.put("labels.csv", "image_id,label,split\na,1,train\n")
+        .await
+        .unwrap();
+    let loc = Location::parse(&format!("{root}/images")).unwrap();
+    let entries = Catalog::load(&loc, &format!("{root}/labels.csv"), &Default::default())
+        .await
+        .unwrap()
+        .split(Split::Train);
+    for (channels, stride) in [(3, 12), (1, 16), (3, 20)] {
+        let whole = decode(&png, channels, None).unwrap().pixels;
+        let config = StreamConfig {
+            stride,
+            ..StreamConfig::new(16, channels)
+        };
+        let mut rx = stream_images(loc.clone(), entries.clone(), config);
+        let mut patches = 0;
+        while let Some(item) = rx.recv().await {
+            let batch = match item {
+                patchgd::source::SourceItem::Batch(b) => b.batch.clone(),
+                patchgd::source::SourceItem::Failed(f) => panic!("{f:?}"),
+            };
+            let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let xs = col("x");
+            let xs = xs.as_any().downcast_ref::<UInt32Array>().unwrap();
+            let ys = col("y");
+            let ys = ys.as_any().downcast_ref::<UInt32Array>().unwrap();
+            let px = col("pixels");
+            let px = px.as_any().downcast_ref::<BinaryArray>().unwrap();
+            for i in 0..batch.num_rows() {
+                let (x0, y0) = (xs.value(i) as usize, ys.value(i) as usize);
+                let mut want = vec![0u8; 16 * 16 * channels];
+                for dy in 0..16 {
+                    for dx in 0..16 {
+                        let (x, y) = (x0 + dx, y0 + dy);
+                        if x < w && y < h {
+                            let (src, dst) = ((y * w + x) * channels, (dy * 16 + dx) * channels);
+                            want[dst..dst + channels].copy_from_slice(&whole[src..src + channels]);
+                        }
+                    }
+                }
+                assert!(!px.is_null(i));
+                assert_eq!(
+                    px.value(i),
+                    &want[..],
+                    "channels {channels}, stride {stride}, patch at ({x0}, {y0})"
+                );
+                patches += 1;
+            }
+        }
+        let grid = patchgd::patch::Grid::new(w, h, 16, stride).unwrap();
+        assert_eq!(patches, grid.rows * grid.cols, "stride {stride}");
+    }
+}

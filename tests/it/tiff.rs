@@ -582,12 +582,13 @@ async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_alloca
     far.extend(8u16.to_le_bytes());
     far.extend(0u16.to_le_bytes());
     far.extend((u64::MAX - 3).to_le_bytes());
-    // A PNG whose header claims 100,000 px square (and has no pixel data).
-    let png = {
+    // PNGs whose header claims a size (and that have no pixel data). A PNG is read row by row,
+    // so what is checked is the pixel count and one band of patches across it.
+    let png_claiming = |width: u32, height: u32| {
         let mut ihdr = b"IHDR".to_vec();
-        ihdr.extend(100_000u32.to_be_bytes());
-        ihdr.extend(100_000u32.to_be_bytes());
-        ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey, not interlaced
         let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
         b.extend(13u32.to_be_bytes());
         b.extend(&ihdr);
@@ -598,8 +599,13 @@ async fn sizes_and_offsets_a_file_declares_are_checked_before_anything_is_alloca
         ("strip.tif", strip, "at most 256 MiB is decoded at once"),
         (
             "claims.png",
-            png,
-            "declares 100000 x 100000 pixels: 9536 MiB decoded whole",
+            png_claiming(200_000, 200_000),
+            "declares 200000 x 200000 pixels, more than the 17179869184",
+        ),
+        (
+            "wide.png",
+            png_claiming(10_000_000, 1000),
+            "one band of 256 px patches across it would take 2441 MiB decoded",
         ),
         (
             "huge.tif",
