@@ -198,11 +198,6 @@ pub fn run(
     backbones: &[crate::model::BackboneKind],
     sizes: &[u32],
 ) -> Result<String, String> {
-    let emit = |report: &mut String, text: String| {
-        println!("{text}");
-        report.push_str(&text);
-        report.push('\n');
-    };
     let mut report = format!(
         "# patchgd bench ({}; device {}, precision {})\n",
         if opts.quick { "quick" } else { "full" },
@@ -210,275 +205,289 @@ pub fn run(
         opts.precision_name()
     );
     println!("{report}");
-    if parts.contains(&Part::Efficiency) {
-        let mut rows = Vec::new();
-        for &b in backbones {
-            let small = b == crate::model::BackboneKind::SmallCnn;
-            let (size, patch, images, rounds) = match (opts.quick, small) {
-                (true, _) => (128, 32, 8, 1),
-                (false, true) => (512, 64, 64, 3),
-                (false, false) => (512, 64, 16, 2),
-            };
-            let r = efficiency::measure(opts, b, size, patch, images, rounds)?;
-            rows.push(vec![
-                r.backbone.clone(),
-                r.device.clone(),
-                format!("{} / {}", r.image_px, r.patch_px),
-                r.images.to_string(),
-                r.rounds.to_string(),
-                format!("{:.1}", r.ceiling),
-                format!("{:.1}", r.pipeline),
-                format!("{:.3}", r.ratio),
-            ]);
+    for part in [
+        Part::Efficiency,
+        Part::Memory,
+        Part::Budget,
+        Part::Precision,
+    ] {
+        if !parts.contains(&part) {
+            continue;
         }
-        emit(
-            &mut report,
-            format!(
-                "## 1. Pipeline efficiency (patch passes/s; target: ratio >= 0.95)\n\n{}",
-                table(
-                    &[
-                        "backbone",
-                        "device",
-                        "image / patch px",
-                        "images",
-                        "rounds",
-                        "in memory",
-                        "full pipeline",
-                        "ratio",
-                    ],
-                    &rows
-                )
-            ),
-        );
-    }
-    if parts.contains(&Part::Memory) {
-        let rows = memory::measure(opts, sizes)?;
-        let base = |method: &str| {
-            rows.iter()
-                .find(|r| r.method == method && r.run.ok)
-                .map(|r| r.run.peak_rss_bytes)
+        let text = match part {
+            Part::Efficiency => efficiency_section(opts, backbones)?,
+            Part::Memory => memory_section(opts, sizes)?,
+            Part::Budget => budget_section(opts)?,
+            Part::Precision => precision_section(opts)?,
         };
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                let growth = match (r.run.ok, base(r.method)) {
-                    (true, Some(b)) => {
-                        format!(
-                            "{:+.1}%",
-                            (r.run.peak_rss_bytes as f64 / b as f64 - 1.0) * 100.0
-                        )
-                    }
-                    _ => "-".into(),
-                };
-                let status = if r.run.ok {
-                    "ok".to_string()
-                } else if r.run.capped {
-                    format!("stopped at the {:.0} MiB cap", mib(child::default_cap()))
-                } else {
-                    format!("failed: {}", r.run.tail)
-                };
-                vec![
-                    r.method.to_string(),
-                    r.image_px.to_string(),
-                    r.cells.to_string(),
-                    format!("{:.0}", mib(r.run.peak_rss_bytes)),
-                    growth,
-                    format!("{:.1}", r.run.seconds),
-                    status,
-                ]
-            })
-            .collect();
-        emit(
-            &mut report,
-            format!(
-                "## 2. Peak RSS by image size ({} px patches, {} patches per inner iteration, fill chunk {}; target: PatchGD grows <= 15%)\n\n{}",
-                if opts.quick { 32 } else { memory::PATCH },
-                memory::PER_INNER,
-                memory::FILL_CHUNK,
-                table(
-                    &[
-                        "method",
-                        "image px",
-                        "patches (GD: pixels)",
-                        "peak RSS MiB",
-                        "vs smallest",
-                        "seconds",
-                        "status",
-                    ],
-                    &cells
-                )
-            ),
-        );
-    }
-    if parts.contains(&Part::Budget) {
-        let b = budget::measure(opts)?;
-        let mut probes: Vec<String> = b
-            .probes
-            .iter()
-            .map(|p| {
-                if p.stopped {
-                    format!(
-                        "{} px: over {:.0} MiB (stopped)",
-                        p.size,
-                        mib(budget::probe_cap(b.budget_bytes))
-                    )
-                } else {
-                    format!(
-                        "{} px: {:.0} MiB{}",
-                        p.size,
-                        mib(p.peak_rss_bytes),
-                        if p.fits { " (fits)" } else { "" }
-                    )
-                }
-            })
-            .collect();
-        if !b.probes.iter().any(|p| p.fits) {
-            probes.push("none fit: GD runs at the smallest".into());
-        }
-        // PatchGD's real peak: the highest of its runs.
-        let patchgd_peak = b
-            .rows
-            .iter()
-            .filter(|r| r.method == "PatchGD")
-            .map(|r| r.run.peak_rss_bytes)
-            .max()
-            .unwrap_or(0);
-        let rows: Vec<Vec<String>> = b
-            .rows
-            .iter()
-            .map(|r| {
-                let last = r.run.epochs.last().cloned().unwrap_or_default();
-                let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
-                vec![
-                    r.method.to_string(),
-                    r.input_px.to_string(),
-                    r.seed.to_string(),
-                    format!(
-                        "{:.0}{}",
-                        mib(r.run.peak_rss_bytes),
-                        if r.method == "PatchGD" || r.run.peak_rss_bytes <= patchgd_peak {
-                            ""
-                        } else {
-                            " (over)"
-                        }
-                    ),
-                    r.run.epochs.len().to_string(),
-                    format!("{secs:.0}"),
-                    if r.run.ok {
-                        format!("{:.3}", last.val_accuracy)
-                    } else {
-                        format!("failed: {}", r.run.tail)
-                    },
-                ]
-            })
-            .collect();
-        let (patchgd, gd) = (b.spread("PatchGD"), b.spread("GD"));
-        let summary: Vec<Vec<String>> = [("PatchGD", patchgd), ("GD", gd)]
-            .iter()
-            .map(|(m, s)| {
-                vec![
-                    m.to_string(),
-                    s.n.to_string(),
-                    format!("{:.3}", s.mean),
-                    format!("{:.3}", s.sd),
-                    format!("{:.3}-{:.3}", s.min, s.max),
-                ]
-            })
-            .collect();
-        let gap = (patchgd.mean - gd.mean) * 100.0;
-        emit(
-            &mut report,
-            format!(
-                "## 3. PatchGD vs GD at one memory budget ({} px canvases with a faint texture, one {} px digit each, {} classes; {} train / {} val images; PatchGD: {} px patches, blank patches skipped; budget = PatchGD's probe peak {:.0} MiB; wall time {:.0} s per run; \"(over)\": GD above PatchGD's highest real peak)\n\nGD sizes probed: {}\n\n{}\n{}\nPatchGD - GD: {gap:+.1} points of validation accuracy (mean over seeds).\n",
-                b.image_px,
-                budget::DIGIT_PX,
-                budget::CLASSES,
-                b.train_images,
-                b.val_images,
-                b.patch_px,
-                mib(b.budget_bytes),
-                opts.budget_seconds,
-                probes.join(", "),
-                table(
-                    &[
-                        "method",
-                        "input px",
-                        "seed",
-                        "peak RSS MiB",
-                        "epochs",
-                        "train + eval s",
-                        "val accuracy",
-                    ],
-                    &rows
-                ),
-                table(
-                    &["method", "seeds", "val accuracy mean", "sd", "min-max"],
-                    &summary
-                )
-            ),
-        );
-    }
-    if parts.contains(&Part::Precision) {
-        let p = precision::measure(opts)?;
-        let f32_speed = p
-            .rows
-            .iter()
-            .find(|r| r.precision == Precision::F32 && !r.other_seed && r.run.ok)
-            .map(|r| median(r.run.epochs.iter().map(|e| e.patches_per_s).collect()));
-        let rows: Vec<Vec<String>> = p
-            .rows
-            .iter()
-            .map(|r| {
-                if !r.run.ok {
-                    return vec![r.label(), format!("failed: {}", r.run.tail)];
-                }
-                let last = r.run.epochs.last().cloned().unwrap_or_default();
-                let speed = median(r.run.epochs.iter().map(|e| e.patches_per_s).collect());
-                let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
-                vec![
-                    r.label(),
-                    format!("{speed:.1}"),
-                    f32_speed.map_or("-".into(), |b| format!("{:.2}", speed / b)),
-                    format!("{secs:.0}"),
-                    format!("{:.0}", mib(r.run.peak_rss_bytes)),
-                    format!("{:.4}", last.train_loss),
-                    format!("{:.4}", last.val_loss),
-                    format!("{:.3}", last.val_accuracy),
-                    r.agreement_with_f32
-                        .map_or("-".into(), |a| format!("{:.3}", a)),
-                ]
-            })
-            .collect();
-        let skipped = if p.skipped.is_empty() {
-            String::new()
-        } else {
-            format!("\n\nNot run: {}.", p.skipped.join("; "))
-        };
-        emit(
-            &mut report,
-            format!(
-                "## 4. Mixed precision ({} px canvases with one MNIST-style digit, 10 classes, {} px patches, small CNN, {} train / {} val images, {} epochs, same seed and order; speed: median of epochs' training patch passes/s){skipped}\n\n{}",
-                p.image_px,
-                p.patch_px,
-                p.train_images,
-                p.val_images,
-                p.epochs,
-                table(
-                    &[
-                        "precision",
-                        "patch passes/s",
-                        "vs f32",
-                        "train + eval s",
-                        "peak RSS MiB",
-                        "final train loss",
-                        "val loss",
-                        "val accuracy",
-                        "val predictions = f32's",
-                    ],
-                    &rows
-                )
-            ),
-        );
+        println!("{text}");
+        report.push_str(&text);
+        report.push('\n');
     }
     Ok(report)
+}
+
+fn efficiency_section(
+    opts: &BenchOptions,
+    backbones: &[crate::model::BackboneKind],
+) -> Result<String, String> {
+    let mut rows = Vec::new();
+    for &b in backbones {
+        let small = b == crate::model::BackboneKind::SmallCnn;
+        let (size, patch, images, rounds) = match (opts.quick, small) {
+            (true, _) => (128, 32, 8, 1),
+            (false, true) => (512, 64, 64, 3),
+            (false, false) => (512, 64, 16, 2),
+        };
+        let r = efficiency::measure(opts, b, size, patch, images, rounds)?;
+        rows.push(vec![
+            r.backbone.clone(),
+            r.device.clone(),
+            format!("{} / {}", r.image_px, r.patch_px),
+            r.images.to_string(),
+            r.rounds.to_string(),
+            format!("{:.1}", r.ceiling),
+            format!("{:.1}", r.pipeline),
+            format!("{:.3}", r.ratio),
+        ]);
+    }
+    Ok(format!(
+        "## 1. Pipeline efficiency (patch passes/s; target: ratio >= 0.95)\n\n{}",
+        table(
+            &[
+                "backbone",
+                "device",
+                "image / patch px",
+                "images",
+                "rounds",
+                "in memory",
+                "full pipeline",
+                "ratio",
+            ],
+            &rows
+        )
+    ))
+}
+
+fn memory_section(opts: &BenchOptions, sizes: &[u32]) -> Result<String, String> {
+    let rows = memory::measure(opts, sizes)?;
+    let base = |method: &str| {
+        rows.iter()
+            .find(|r| r.method == method && r.run.ok)
+            .map(|r| r.run.peak_rss_bytes)
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let growth = match (r.run.ok, base(r.method)) {
+                (true, Some(b)) => {
+                    format!(
+                        "{:+.1}%",
+                        (r.run.peak_rss_bytes as f64 / b as f64 - 1.0) * 100.0
+                    )
+                }
+                _ => "-".into(),
+            };
+            let status = if r.run.ok {
+                "ok".to_string()
+            } else if r.run.capped {
+                format!("stopped at the {:.0} MiB cap", mib(child::default_cap()))
+            } else {
+                format!("failed: {}", r.run.tail)
+            };
+            vec![
+                r.method.to_string(),
+                r.image_px.to_string(),
+                r.cells.to_string(),
+                format!("{:.0}", mib(r.run.peak_rss_bytes)),
+                growth,
+                format!("{:.1}", r.run.seconds),
+                status,
+            ]
+        })
+        .collect();
+    Ok(format!(
+        "## 2. Peak RSS by image size ({} px patches, {} patches per inner iteration, fill chunk {}; target: PatchGD grows <= 15%)\n\n{}",
+        if opts.quick { 32 } else { memory::PATCH },
+        memory::PER_INNER,
+        memory::FILL_CHUNK,
+        table(
+            &[
+                "method",
+                "image px",
+                "patches (GD: pixels)",
+                "peak RSS MiB",
+                "vs smallest",
+                "seconds",
+                "status",
+            ],
+            &cells
+        )
+    ))
+}
+
+fn budget_section(opts: &BenchOptions) -> Result<String, String> {
+    let b = budget::measure(opts)?;
+    let mut probes: Vec<String> = b
+        .probes
+        .iter()
+        .map(|p| {
+            if p.stopped {
+                format!(
+                    "{} px: over {:.0} MiB (stopped)",
+                    p.size,
+                    mib(budget::probe_cap(b.budget_bytes))
+                )
+            } else {
+                format!(
+                    "{} px: {:.0} MiB{}",
+                    p.size,
+                    mib(p.peak_rss_bytes),
+                    if p.fits { " (fits)" } else { "" }
+                )
+            }
+        })
+        .collect();
+    if !b.probes.iter().any(|p| p.fits) {
+        probes.push("none fit: GD runs at the smallest".into());
+    }
+    // PatchGD's real peak: the highest of its runs.
+    let patchgd_peak = b
+        .rows
+        .iter()
+        .filter(|r| r.method == "PatchGD")
+        .map(|r| r.run.peak_rss_bytes)
+        .max()
+        .unwrap_or(0);
+    let rows: Vec<Vec<String>> = b
+        .rows
+        .iter()
+        .map(|r| {
+            let last = r.run.epochs.last().cloned().unwrap_or_default();
+            let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
+            vec![
+                r.method.to_string(),
+                r.input_px.to_string(),
+                r.seed.to_string(),
+                format!(
+                    "{:.0}{}",
+                    mib(r.run.peak_rss_bytes),
+                    if r.method == "PatchGD" || r.run.peak_rss_bytes <= patchgd_peak {
+                        ""
+                    } else {
+                        " (over)"
+                    }
+                ),
+                r.run.epochs.len().to_string(),
+                format!("{secs:.0}"),
+                if r.run.ok {
+                    format!("{:.3}", last.val_accuracy)
+                } else {
+                    format!("failed: {}", r.run.tail)
+                },
+            ]
+        })
+        .collect();
+    let (patchgd, gd) = (b.spread("PatchGD"), b.spread("GD"));
+    let summary: Vec<Vec<String>> = [("PatchGD", patchgd), ("GD", gd)]
+        .iter()
+        .map(|(m, s)| {
+            vec![
+                m.to_string(),
+                s.n.to_string(),
+                format!("{:.3}", s.mean),
+                format!("{:.3}", s.sd),
+                format!("{:.3}-{:.3}", s.min, s.max),
+            ]
+        })
+        .collect();
+    let gap = (patchgd.mean - gd.mean) * 100.0;
+    Ok(format!(
+        "## 3. PatchGD vs GD at one memory budget ({} px canvases with a faint texture, one {} px digit each, {} classes; {} train / {} val images; PatchGD: {} px patches, blank patches skipped; budget = PatchGD's probe peak {:.0} MiB; wall time {:.0} s per run; \"(over)\": GD above PatchGD's highest real peak)\n\nGD sizes probed: {}\n\n{}\n{}\nPatchGD - GD: {gap:+.1} points of validation accuracy (mean over seeds).\n",
+        b.image_px,
+        budget::DIGIT_PX,
+        budget::CLASSES,
+        b.train_images,
+        b.val_images,
+        b.patch_px,
+        mib(b.budget_bytes),
+        opts.budget_seconds,
+        probes.join(", "),
+        table(
+            &[
+                "method",
+                "input px",
+                "seed",
+                "peak RSS MiB",
+                "epochs",
+                "train + eval s",
+                "val accuracy",
+            ],
+            &rows
+        ),
+        table(
+            &["method", "seeds", "val accuracy mean", "sd", "min-max"],
+            &summary
+        )
+    ))
+}
+
+fn precision_section(opts: &BenchOptions) -> Result<String, String> {
+    let p = precision::measure(opts)?;
+    let f32_speed = p
+        .rows
+        .iter()
+        .find(|r| r.precision == Precision::F32 && !r.other_seed && r.run.ok)
+        .map(|r| median(r.run.epochs.iter().map(|e| e.patches_per_s).collect()));
+    let rows: Vec<Vec<String>> = p
+        .rows
+        .iter()
+        .map(|r| {
+            if !r.run.ok {
+                return vec![r.label(), format!("failed: {}", r.run.tail)];
+            }
+            let last = r.run.epochs.last().cloned().unwrap_or_default();
+            let speed = median(r.run.epochs.iter().map(|e| e.patches_per_s).collect());
+            let secs: f64 = r.run.epochs.iter().map(|e| e.seconds).sum();
+            vec![
+                r.label(),
+                format!("{speed:.1}"),
+                f32_speed.map_or("-".into(), |b| format!("{:.2}", speed / b)),
+                format!("{secs:.0}"),
+                format!("{:.0}", mib(r.run.peak_rss_bytes)),
+                format!("{:.4}", last.train_loss),
+                format!("{:.4}", last.val_loss),
+                format!("{:.3}", last.val_accuracy),
+                r.agreement_with_f32
+                    .map_or("-".into(), |a| format!("{:.3}", a)),
+            ]
+        })
+        .collect();
+    let skipped = if p.skipped.is_empty() {
+        String::new()
+    } else {
+        format!("\n\nNot run: {}.", p.skipped.join("; "))
+    };
+    Ok(format!(
+        "## 4. Mixed precision ({} px canvases with one MNIST-style digit, 10 classes, {} px patches, small CNN, {} train / {} val images, {} epochs, same seed and order; speed: median of epochs' training patch passes/s){skipped}\n\n{}",
+        p.image_px,
+        p.patch_px,
+        p.train_images,
+        p.val_images,
+        p.epochs,
+        table(
+            &[
+                "precision",
+                "patch passes/s",
+                "vs f32",
+                "train + eval s",
+                "peak RSS MiB",
+                "final train loss",
+                "val loss",
+                "val accuracy",
+                "val predictions = f32's",
+            ],
+            &rows
+        )
+    ))
 }

@@ -9,6 +9,7 @@ pub mod prepare;
 pub mod runner;
 pub mod setup;
 pub mod summary;
+mod validate;
 
 pub use definition::{Definition, DefinitionError};
 pub use observer::{LogObserver, RunObserver};

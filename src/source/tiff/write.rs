@@ -182,6 +182,81 @@ where
     Ok(pos)
 }
 
+/// TIFF field types used here.
+const ASCII: u16 = 2;
+const SHORT: u16 = 3;
+const LONG: u16 = 4;
+const LONG8: u16 = 16;
+
+/// A directory entry: tag, type, count, and the value's bytes (inline or out of line).
+type Field = (u16, u16, u64, Vec<u8>);
+
+/// The tags describing one level (all but the tile offsets and byte counts), sorted by tag.
+fn level_entries(spec: &PyramidSpec, level: usize, width: u32, height: u32) -> Vec<Field> {
+    let photometric = match (spec.channels, spec.compression) {
+        (1, _) => 1u16,
+        (_, TileCompression::Jpeg { .. }) => 6,
+        _ => 2,
+    };
+    let mut entries: Vec<Field> = vec![
+        (
+            254,
+            LONG,
+            1,
+            (if level == 0 { 0u32 } else { 1 }).to_le_bytes().to_vec(),
+        ),
+        (256, LONG, 1, width.to_le_bytes().to_vec()),
+        (257, LONG, 1, height.to_le_bytes().to_vec()),
+        (
+            258,
+            SHORT,
+            spec.channels as u64,
+            (0..spec.channels)
+                .flat_map(|_| 8u16.to_le_bytes())
+                .collect(),
+        ),
+        (
+            259,
+            SHORT,
+            1,
+            spec.compression.code().to_le_bytes().to_vec(),
+        ),
+        (262, SHORT, 1, photometric.to_le_bytes().to_vec()),
+        (277, SHORT, 1, spec.channels.to_le_bytes().to_vec()),
+        (284, SHORT, 1, 1u16.to_le_bytes().to_vec()),
+        (322, LONG, 1, spec.tile.to_le_bytes().to_vec()),
+        (323, LONG, 1, spec.tile.to_le_bytes().to_vec()),
+    ];
+    if level == 0 && !spec.description.is_empty() {
+        let mut d = spec.description.clone().into_bytes();
+        d.push(0);
+        entries.push((270, ASCII, d.len() as u64, d));
+    }
+    entries.sort_by_key(|e| e.0);
+    entries
+}
+
+/// The entry count and the entries, little-endian (without the next directory's offset).
+fn encode_entries(fields: &[Field], big: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if big {
+        out.extend((fields.len() as u64).to_le_bytes());
+    } else {
+        out.extend((fields.len() as u16).to_le_bytes());
+    }
+    for (tag, kind, count, value) in fields {
+        out.extend(tag.to_le_bytes());
+        out.extend(kind.to_le_bytes());
+        if big {
+            out.extend(count.to_le_bytes());
+        } else {
+            out.extend((*count as u32).to_le_bytes());
+        }
+        out.extend(value);
+    }
+    out
+}
+
 /// One directory at `at`, with its out-of-line values right after it and its tiles after those.
 fn build_directory(
     spec: &PyramidSpec,
@@ -193,8 +268,7 @@ fn build_directory(
     last: bool,
 ) -> Vec<u8> {
     let big = spec.bigtiff;
-    let (short, long, long8, ascii) = (3u16, 4u16, 16u16, 2u16);
-    let offset_type = if big { long8 } else { long };
+    let offset_type = if big { LONG8 } else { LONG };
     let word = |v: u64| -> Vec<u8> {
         if big {
             v.to_le_bytes().to_vec()
@@ -202,46 +276,7 @@ fn build_directory(
             (v as u32).to_le_bytes().to_vec()
         }
     };
-    let photometric = match (spec.channels, spec.compression) {
-        (1, _) => 1u16,
-        (_, TileCompression::Jpeg { .. }) => 6,
-        _ => 2,
-    };
-    let mut entries: Vec<(u16, u16, u64, Vec<u8>)> = vec![
-        (
-            254,
-            long,
-            1,
-            (if level == 0 { 0u32 } else { 1 }).to_le_bytes().to_vec(),
-        ),
-        (256, long, 1, width.to_le_bytes().to_vec()),
-        (257, long, 1, height.to_le_bytes().to_vec()),
-        (
-            258,
-            short,
-            spec.channels as u64,
-            (0..spec.channels)
-                .flat_map(|_| 8u16.to_le_bytes())
-                .collect(),
-        ),
-        (
-            259,
-            short,
-            1,
-            spec.compression.code().to_le_bytes().to_vec(),
-        ),
-        (262, short, 1, photometric.to_le_bytes().to_vec()),
-        (277, short, 1, spec.channels.to_le_bytes().to_vec()),
-        (284, short, 1, 1u16.to_le_bytes().to_vec()),
-        (322, long, 1, spec.tile.to_le_bytes().to_vec()),
-        (323, long, 1, spec.tile.to_le_bytes().to_vec()),
-    ];
-    if level == 0 && !spec.description.is_empty() {
-        let mut d = spec.description.clone().into_bytes();
-        d.push(0);
-        entries.push((270, ascii, d.len() as u64, d));
-    }
-    entries.sort_by_key(|e| e.0);
+    let entries = level_entries(spec, level, width, height);
     let n_entries = entries.len() + 2; // + TileOffsets, TileByteCounts
     let (count_len, entry_len, inline) = if big {
         (8u64, 20u64, 8usize)
@@ -268,7 +303,7 @@ fn build_directory(
             word(off)
         }
     };
-    let mut fields: Vec<(u16, u16, u64, Vec<u8>)> = Vec::new();
+    let mut fields: Vec<Field> = Vec::new();
     for (tag, kind, count, data) in &entries {
         fields.push((*tag, *kind, *count, value_field(data, &mut extra)));
     }
@@ -300,22 +335,7 @@ fn build_directory(
         value_field(&counts, &mut extra),
     ));
     fields.sort_by_key(|f| f.0);
-    let mut out = Vec::new();
-    if big {
-        out.extend((fields.len() as u64).to_le_bytes());
-    } else {
-        out.extend((fields.len() as u16).to_le_bytes());
-    }
-    for (tag, kind, count, value) in &fields {
-        out.extend(tag.to_le_bytes());
-        out.extend(kind.to_le_bytes());
-        if big {
-            out.extend(count.to_le_bytes());
-        } else {
-            out.extend((*count as u32).to_le_bytes());
-        }
-        out.extend(value);
-    }
+    let mut out = encode_entries(&fields, big);
     let next = if last { 0 } else { p };
     out.extend(word(next));
     debug_assert_eq!(out.len() as u64, ifd_len);

@@ -1,21 +1,25 @@
 //! The latent store: each image's latent grid Z (rows x cols cells of D floats), every cell
 //! tagged with the optimizer step whose weights computed it.
 //!
-//! Grids live in memory up to a byte budget; beyond it the least recently used ones spill to
-//! files in a local directory (one file per image, named by an encoding of the image id that
-//! cannot leave the directory). A snapshot is an Arrow IPC stream with one row per cell
-//! ([`latent_schema`]): what checkpoints store and what SQL reads.
+//! Grids live in memory up to a byte budget (this module: the cache); beyond it the least
+//! recently used ones spill to files in a local directory ([`spill`]: one file per image, named
+//! by an encoding of the image id that cannot leave the directory). A snapshot is an Arrow IPC
+//! stream with one row per cell ([`snapshot`], [`latent_schema`]): what checkpoints store and
+//! what SQL reads.
+
+mod snapshot;
+mod spill;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use arrow::array::{
-    Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array, UInt64Array,
-};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+
+pub use snapshot::{Snapshot, latent_schema};
+pub use spill::file_name;
+
+use snapshot::grids_batch;
+use spill::{read_grid, write_grid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LatentError {
@@ -71,47 +75,6 @@ impl LatentGrid {
         Ok(())
     }
 }
-
-/// One row per cell: image_id, row, col, vector (D floats), writer_step.
-pub fn latent_schema(dim: i32) -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("image_id", DataType::Utf8, false),
-        Field::new("row", DataType::UInt32, false),
-        Field::new("col", DataType::UInt32, false),
-        Field::new(
-            "vector",
-            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim),
-            false,
-        ),
-        Field::new("writer_step", DataType::UInt64, false),
-    ]))
-}
-
-/// A file name for an image id: bytes outside `[A-Za-z0-9_-]` become `%XX` (so no `/`, no `.`,
-/// no `..`), long ids are shortened with a hash; always one plain name inside the directory.
-pub fn file_name(image_id: &str) -> String {
-    let mut name = String::with_capacity(image_id.len() + 8);
-    for b in image_id.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            name.push(b as char);
-        } else {
-            name.push_str(&format!("%{b:02X}"));
-        }
-    }
-    if name.len() > 180 {
-        // FNV-1a over the whole id keeps distinct long ids distinct.
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in image_id.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-        name.truncate(150);
-        name.push_str(&format!("~{h:016x}"));
-    }
-    name.push_str(".lat");
-    name
-}
-
-const MAGIC: &[u8; 8] = b"PGDLAT01";
 
 struct Resident {
     grid: LatentGrid,
@@ -302,252 +265,6 @@ impl LatentStore {
         }
         Ok(None)
     }
-
-    /// The whole store as an Arrow IPC stream, in pieces (one per 64 images), so that a large
-    /// store is never held in memory twice: what checkpoints write.
-    pub fn snapshot(&self) -> Snapshot<'_> {
-        Snapshot {
-            store: self,
-            ids: self.ids(),
-            next: 0,
-            writer: None,
-            done: false,
-        }
-    }
-
-    /// Write the snapshot's pieces to `sink`; returns the bytes written.
-    pub fn write_snapshot(&self, mut sink: impl FnMut(Vec<u8>) -> Result<()>) -> Result<u64> {
-        let mut total = 0;
-        for piece in self.snapshot() {
-            let piece = piece?;
-            total += piece.len() as u64;
-            sink(piece)?;
-        }
-        Ok(total)
-    }
-
-    /// Fill an empty store from a snapshot written by [`LatentStore::write_snapshot`].
-    pub fn read_snapshot(&mut self, reader: impl Read) -> Result<()> {
-        let stream = arrow::ipc::reader::StreamReader::try_new(reader, None)
-            .map_err(|e| LatentError::Snapshot(e.to_string()))?;
-        for batch in stream {
-            let batch = batch.map_err(|e| LatentError::Snapshot(e.to_string()))?;
-            for (id, grid) in batch_grids(&batch)? {
-                self.put(&id, grid)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The pieces of a store's Arrow IPC stream (see [`LatentStore::snapshot`]).
-pub struct Snapshot<'a> {
-    store: &'a LatentStore,
-    ids: Vec<String>,
-    next: usize,
-    writer: Option<arrow::ipc::writer::StreamWriter<Vec<u8>>>,
-    done: bool,
-}
-
-impl Snapshot<'_> {
-    fn step(&mut self) -> Result<Option<Vec<u8>>> {
-        let err = |e: arrow::error::ArrowError| LatentError::Snapshot(e.to_string());
-        if self.done {
-            return Ok(None);
-        }
-        if self.writer.is_none() {
-            let dim = match self.ids.first() {
-                Some(id) => self.store.peek(id)?.expect("listed").dim as i32,
-                None => 0,
-            };
-            self.writer = Some(
-                arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &latent_schema(dim))
-                    .map_err(err)?,
-            );
-        }
-        let writer = self.writer.as_mut().expect("just made");
-        if self.next < self.ids.len() {
-            let group = &self.ids[self.next..(self.next + 64).min(self.ids.len())];
-            self.next += group.len();
-            let grids: Vec<(String, LatentGrid)> = group
-                .iter()
-                .map(|id| Ok((id.clone(), self.store.peek(id)?.expect("listed id exists"))))
-                .collect::<Result<_>>()?;
-            writer.write(&grids_batch(&grids)?).map_err(err)?;
-        } else {
-            writer.finish().map_err(err)?;
-            self.done = true;
-        }
-        Ok(Some(std::mem::take(writer.get_mut())))
-    }
-}
-
-impl Iterator for Snapshot<'_> {
-    type Item = Result<Vec<u8>>;
-    fn next(&mut self) -> Option<Self::Item> {
-        match self.step() {
-            Ok(piece) => piece.map(Ok),
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
-    }
-}
-
-/// Rows of consecutive cells of the given grids.
-fn grids_batch(grids: &[(String, LatentGrid)]) -> Result<RecordBatch> {
-    let dim = grids.first().map_or(0, |g| g.1.dim) as i32;
-    let (mut ids, mut rows, mut cols, mut steps, mut values) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (id, g) in grids {
-        if g.dim as i32 != dim {
-            return Err(LatentError::Shape {
-                image_id: id.clone(),
-                reason: format!("D = {} in a store of D = {dim}", g.dim),
-            });
-        }
-        for cell in 0..g.cells() {
-            ids.push(id.as_str());
-            rows.push(cell as u32 / g.cols);
-            cols.push(cell as u32 % g.cols);
-            steps.push(g.steps[cell]);
-        }
-        values.extend_from_slice(&g.values);
-    }
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let vectors =
-        FixedSizeListArray::try_new(item, dim, Arc::new(Float32Array::from(values)), None)
-            .map_err(|e| LatentError::Snapshot(e.to_string()))?;
-    RecordBatch::try_new(
-        latent_schema(dim),
-        vec![
-            Arc::new(StringArray::from(ids)),
-            Arc::new(UInt32Array::from(rows)),
-            Arc::new(UInt32Array::from(cols)),
-            Arc::new(vectors),
-            Arc::new(UInt64Array::from(steps)),
-        ],
-    )
-    .map_err(|e| LatentError::Snapshot(e.to_string()))
-}
-
-/// Grids back from a batch of cell rows (cells of one image are consecutive, row-major).
-fn batch_grids(batch: &RecordBatch) -> Result<Vec<(String, LatentGrid)>> {
-    let bad = |m: &str| LatentError::Snapshot(m.to_string());
-    let ids = batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .ok_or_else(|| bad("image_id is not Utf8"))?;
-    let rows = batch
-        .column(1)
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .ok_or_else(|| bad("row is not UInt32"))?;
-    let cols = batch
-        .column(2)
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .ok_or_else(|| bad("col is not UInt32"))?;
-    let vectors = batch
-        .column(3)
-        .as_any()
-        .downcast_ref::<FixedSizeListArray>()
-        .ok_or_else(|| bad("vector is not a fixed-size list"))?;
-    let steps = batch
-        .column(4)
-        .as_any()
-        .downcast_ref::<UInt64Array>()
-        .ok_or_else(|| bad("writer_step is not UInt64"))?;
-    let dim = vectors.value_length() as usize;
-    let flat = vectors
-        .values()
-        .as_any()
-        .downcast_ref::<Float32Array>()
-        .ok_or_else(|| bad("vector items are not Float32"))?;
-    let mut out: Vec<(String, LatentGrid)> = Vec::new();
-    let mut i = 0;
-    while i < batch.num_rows() {
-        let id = ids.value(i);
-        let mut j = i;
-        while j < batch.num_rows() && ids.value(j) == id {
-            j += 1;
-        }
-        let n_rows = (i..j).map(|k| rows.value(k)).max().unwrap_or(0) + 1;
-        let n_cols = (i..j).map(|k| cols.value(k)).max().unwrap_or(0) + 1;
-        let grid = LatentGrid {
-            rows: n_rows,
-            cols: n_cols,
-            dim: dim as u32,
-            values: flat.values()[i * dim..j * dim].to_vec(),
-            steps: (i..j).map(|k| steps.value(k)).collect(),
-        };
-        grid.check(id)?;
-        out.push((id.to_string(), grid));
-        i = j;
-    }
-    Ok(out)
-}
-
-fn write_grid(path: &Path, g: &LatentGrid) -> Result<()> {
-    let io = |source| LatentError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut bytes = Vec::with_capacity(20 + g.bytes());
-    bytes.extend_from_slice(MAGIC);
-    for v in [g.rows, g.cols, g.dim] {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    for s in &g.steps {
-        bytes.extend_from_slice(&s.to_le_bytes());
-    }
-    for v in &g.values {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    let mut f = std::fs::File::create(path).map_err(io)?;
-    f.write_all(&bytes).map_err(io)
-}
-
-fn read_grid(path: &Path) -> Result<LatentGrid> {
-    let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| LatentError::Io {
-        path: shown.clone(),
-        source,
-    })?;
-    let corrupt = |reason: String| LatentError::Corrupt {
-        path: shown.clone(),
-        reason,
-    };
-    if bytes.len() < 20 || &bytes[..8] != MAGIC {
-        return Err(corrupt("no latent grid header".into()));
-    }
-    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
-    let (rows, cols, dim) = (u32_at(8), u32_at(12), u32_at(16));
-    let cells = (rows * cols) as usize;
-    let expected = 20 + cells * 8 + cells * dim as usize * 4;
-    if bytes.len() != expected {
-        return Err(corrupt(format!(
-            "{} bytes, expected {expected}",
-            bytes.len()
-        )));
-    }
-    let steps = bytes[20..20 + cells * 8]
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let values = bytes[20 + cells * 8..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    Ok(LatentGrid {
-        rows,
-        cols,
-        dim,
-        values,
-        steps,
-    })
 }
 
 #[cfg(test)]
