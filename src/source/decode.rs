@@ -12,20 +12,42 @@ pub struct Decoded {
     pub pixels: Vec<u8>,
 }
 
+/// Why a PNG or JPEG could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a PNG or JPEG image (unrecognised content)")]
+    NotAnImage,
+    #[error("{0:?} images are not supported; expected PNG or JPEG")]
+    Unsupported(image::ImageFormat),
+    #[error("cannot decode {format:?}: {source}")]
+    Invalid {
+        format: image::ImageFormat,
+        source: image::ImageError,
+    },
+    #[error("image has zero size")]
+    ZeroSize,
+    #[error("{0} channels requested; expected 1 or 3")]
+    Channels(usize),
+}
+
 /// Decode `bytes` (PNG or JPEG, detected from content) into `channels` (1 = grey, 3 = RGB).
 /// With `resize_to`, the whole image is resized to `resize_to` x `resize_to` (bilinear).
-pub fn decode(bytes: &[u8], channels: usize, resize_to: Option<u32>) -> Result<Decoded, String> {
-    let format = image::guess_format(bytes)
-        .map_err(|_| "not a PNG or JPEG image (unrecognised content)".to_string())?;
+pub fn decode(
+    bytes: &[u8],
+    channels: usize,
+    resize_to: Option<u32>,
+) -> Result<Decoded, DecodeError> {
+    let format = image::guess_format(bytes).map_err(|_| DecodeError::NotAnImage)?;
     if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
-        return Err(format!(
-            "{format:?} images are not supported; expected PNG or JPEG"
-        ));
+        return Err(DecodeError::Unsupported(format));
+    }
+    if channels != 1 && channels != 3 {
+        return Err(DecodeError::Channels(channels));
     }
     let mut img = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+        .map_err(|source| DecodeError::Invalid { format, source })?;
     if img.width() == 0 || img.height() == 0 {
-        return Err("image has zero size".into());
+        return Err(DecodeError::ZeroSize);
     }
     if let Some(size) = resize_to {
         img = img.resize_exact(size, size, FilterType::Triangle);
@@ -33,8 +55,7 @@ pub fn decode(bytes: &[u8], channels: usize, resize_to: Option<u32>) -> Result<D
     let (width, height) = (img.width() as usize, img.height() as usize);
     let pixels = match channels {
         1 => img.into_luma8().into_raw(),
-        3 => img.into_rgb8().into_raw(),
-        other => return Err(format!("{other} channels requested; expected 1 or 3")),
+        _ => img.into_rgb8().into_raw(),
     };
     Ok(Decoded {
         width,
@@ -109,10 +130,14 @@ mod tests {
         assert!(
             decode(b"hello world", 1, None)
                 .unwrap_err()
+                .to_string()
                 .contains("not a PNG or JPEG")
         );
         let png = encode_png(8, 8, 1, &[0; 64]);
         let err = decode(&png[..png.len() / 2], 1, None).unwrap_err();
-        assert!(err.contains("cannot decode"), "{err}");
+        assert!(
+            matches!(err, DecodeError::Invalid { .. }) && err.to_string().contains("cannot decode"),
+            "{err}"
+        );
     }
 }

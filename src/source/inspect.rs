@@ -70,6 +70,28 @@ impl ImageInfo {
     }
 }
 
+/// Why an object could not be inspected; each names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("'{url}' is empty (0 bytes)")]
+    Empty { url: String },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("'{url}': {source}")]
+    Tiff {
+        url: String,
+        source: tiff::TiffError,
+    },
+    #[error("'{url}' is not an image: expected PNG, JPEG or TIFF content")]
+    NotAnImage { url: String },
+    #[error("'{url}': cannot read the {format} header: {source}")]
+    Header {
+        url: String,
+        format: &'static str,
+        source: image::ImageError,
+    },
+}
+
 /// Inspect one object of `size` bytes (from a listing or a HEAD) from its first bytes (one
 /// request for most files; a TIFF whose directories lie elsewhere needs a few more).
 pub async fn inspect(
@@ -78,15 +100,12 @@ pub async fn inspect(
     size: u64,
     patch: usize,
     stride: usize,
-) -> Result<ImageInfo, String> {
+) -> Result<ImageInfo, InspectError> {
     let url = loc.url_of(path);
     if size == 0 {
-        return Err(format!("'{url}' is empty (0 bytes)"));
+        return Err(InspectError::Empty { url });
     }
-    let head = loc
-        .get_range(path, 0..size.min(HEAD_BYTES))
-        .await
-        .map_err(|e| e.to_string())?;
+    let head = loc.get_range(path, 0..size.min(HEAD_BYTES)).await?;
     let grid = |w: u32, h: u32| {
         Grid::new(w as usize, h as usize, patch, stride)
             .ok()
@@ -95,7 +114,10 @@ pub async fn inspect(
     if tiff::is_tiff(&head) {
         let file = TiffFile::open(loc, path, size, head)
             .await
-            .map_err(|e| format!("'{url}': {e}"))?;
+            .map_err(|source| InspectError::Tiff {
+                url: url.clone(),
+                source,
+            })?;
         let levels = file
             .directories
             .iter()
@@ -122,21 +144,22 @@ pub async fn inspect(
             levels,
         });
     }
+    // Guessing reads from memory: it cannot fail.
     let reader = image::ImageReader::new(Cursor::new(&head[..]))
         .with_guessed_format()
-        .map_err(|e| format!("'{url}': {e}"))?;
+        .map_err(|_| InspectError::NotAnImage { url: url.clone() })?;
     let format = match reader.format() {
         Some(image::ImageFormat::Png) => "PNG",
         Some(image::ImageFormat::Jpeg) => "JPEG",
-        _ => {
-            return Err(format!(
-                "'{url}' is not an image: expected PNG, JPEG or TIFF content"
-            ));
-        }
+        _ => return Err(InspectError::NotAnImage { url }),
     };
     let decoder = reader
         .into_decoder()
-        .map_err(|e| format!("'{url}': cannot read the {format} header: {e}"))?;
+        .map_err(|source| InspectError::Header {
+            url: url.clone(),
+            format,
+            source,
+        })?;
     let (w, h) = image::ImageDecoder::dimensions(&decoder);
     let channels = image::ImageDecoder::color_type(&decoder).channel_count() as u16;
     Ok(ImageInfo {

@@ -265,7 +265,7 @@ fn cut_whole(
     selected: Option<&[bool]>,
 ) -> Result<Vec<RecordBatch>, Failure> {
     let img = decode(bytes, config.channels, config.resize_to)
-        .map_err(|m| failure(entry, "decode", m))?;
+        .map_err(|e| failure(entry, "decode", e.to_string()))?;
     cut_raster(
         entry,
         &img.pixels,

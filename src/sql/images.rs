@@ -23,7 +23,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
 use super::{DataSet, pushdown, reads_only};
-use crate::source::inspect::{ImageInfo, inspect};
+use crate::source::inspect::{ImageInfo, InspectError, inspect};
 use crate::source::{Failure, ImageEntry};
 
 static IMAGES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -154,7 +154,7 @@ impl TableProvider for ImagesTable {
             .unwrap_or_else(|| (0..schema.fields().len()).collect());
         let needs_header = wanted.iter().any(|&i| i >= LISTING_COLUMNS.len());
         let (patch, stride) = (self.data.stream.patch, self.data.stream.stride);
-        let infos: Vec<Option<Result<ImageInfo, String>>> = if needs_header {
+        let infos: Vec<Option<Result<ImageInfo, InspectError>>> = if needs_header {
             let targets: Vec<_> = entries.iter().map(|e| (e.path.clone(), e.size)).collect();
             futures::stream::iter(targets)
                 .map(|(path, size)| {
@@ -192,11 +192,11 @@ impl TableProvider for ImagesTable {
             Some(i.levels.iter().filter(|l| l.level.is_some()).count() as f64)
         })));
         columns.push(Arc::new(Float64Array::from(info(&|i| i.mpp))));
-        columns.push(Arc::new(StringArray::from_iter(
-            infos
-                .iter()
-                .map(|i| i.as_ref().and_then(|r| r.as_ref().err()).cloned()),
-        )));
+        columns.push(Arc::new(StringArray::from_iter(infos.iter().map(|i| {
+            i.as_ref()
+                .and_then(|r| r.as_ref().err())
+                .map(|e| e.to_string())
+        }))));
         {
             let mut reported = self.failures.lock().unwrap();
             for (e, i) in entries.iter().zip(&infos) {
@@ -205,7 +205,7 @@ impl TableProvider for ImagesTable {
                         image_id: e.image_id.clone(),
                         url: e.url.clone(),
                         stage: "read".into(),
-                        message: message.clone(),
+                        message: message.to_string(),
                     });
                 }
             }

@@ -192,6 +192,8 @@ impl TiffFile {
         if !is_tiff(&h) {
             return Err(TiffError::Malformed("not a TIFF header".into()));
         }
+        // The magic alone is not a header: it goes on to the first directory's offset.
+        let h = reader.read(0..8, "header").await?;
         let le = h[0] == b'I';
         let bo = ByteOrder(le);
         let bigtiff = bo.u16(&h[2..4]) == 43;
@@ -376,5 +378,26 @@ mod tests {
         assert!(is_tiff(b"II+\0rest"));
         assert!(!is_tiff(b"\x89PNG\r\n"));
         assert!(!is_tiff(b"II"));
+    }
+
+    /// Found by `scripts/fuzz` (tiff_directory): the magic and two more bytes, where the first
+    /// directory's offset should be, made the parser index past the end of the header.
+    #[tokio::test]
+    async fn a_header_cut_short_after_the_magic_is_a_truncation_error() {
+        let loc = Location::parse("memory://tiff-unit/short").unwrap();
+        for bytes in [&b"II*\0\x08I"[..], b"MM\0*", b"II+\0\x08\0\0\0\x10"] {
+            loc.put("x.tif", Bytes::copy_from_slice(bytes))
+                .await
+                .unwrap();
+            let path = loc.path("x.tif");
+            let head = Bytes::copy_from_slice(bytes);
+            let Err(err) = TiffFile::open(&loc, &path, bytes.len() as u64, head).await else {
+                panic!("{bytes:?}: a short header must be an error");
+            };
+            assert!(
+                matches!(err, TiffError::Truncated { .. }),
+                "{bytes:?}: {err}"
+            );
+        }
     }
 }

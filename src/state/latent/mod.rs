@@ -270,6 +270,7 @@ impl LatentStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{Array, UInt32Array};
 
     fn grid(seed: u32, rows: u32, cols: u32, dim: u32) -> LatentGrid {
         let cells = (rows * cols) as usize;
