@@ -38,7 +38,11 @@ pub struct CellSelector(pub Arc<SelectCells>);
 
 /// (image, its grid at the chosen level, the level) → a flag per cell, or `None` for all.
 pub type SelectCells =
-    dyn Fn(&ImageKey, &Grid, u32) -> Result<Option<Vec<bool>>, String> + Send + Sync;
+    dyn Fn(&ImageKey, &Grid, u32) -> Result<Option<Vec<bool>>, SelectError> + Send + Sync;
+
+/// Why a selector could not choose an image's cells (the filter's own error, kept as the
+/// source); it becomes that image's failure, stage `select`.
+pub type SelectError = Box<dyn std::error::Error + Send + Sync>;
 
 impl std::fmt::Debug for CellSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,7 +337,8 @@ pub(super) fn select_cells(
 ) -> Result<Option<Vec<bool>>, String> {
     match &config.select {
         None => Ok(None),
-        Some(select) => select.0(key, grid, level),
+        // The failure record keeps the message (a row of the errors table).
+        Some(select) => select.0(key, grid, level).map_err(|e| e.to_string()),
     }
 }
 

@@ -94,12 +94,11 @@ fn cell_selector(expr: Arc<dyn PhysicalExpr>, channels: usize) -> CellSelector {
         let bands: Vec<RecordBatch> = (0..grid.rows)
             .map(|row| segment_batch(key, grid, row, 0..grid.cols, None, &cut))
             .collect();
-        let all =
-            arrow::compute::concat_batches(&patch_schema(), &bands).map_err(|e| e.to_string())?;
+        let all = arrow::compute::concat_batches(&patch_schema(), &bands)?;
         let keep = expr
             .evaluate(&all)
             .and_then(|v| v.into_array(all.num_rows()))
-            .map_err(|e| format!("cell filter: {e}"))?;
+            .map_err(|e| e.context("cell filter"))?;
         let keep = keep
             .as_any()
             .downcast_ref::<BooleanArray>()
