@@ -86,54 +86,16 @@ pub fn measure(
     images: usize,
     rounds: usize,
 ) -> Result<EfficiencyRow, String> {
-    let dir = opts.dir.join("efficiency");
-    let (image_url, labels) = generate(&dir.join("data"), size, 4, images, 0, ImageFormat::Png)?;
-    let out = dir.join("out").display().to_string();
-    let yaml = pipeline_yaml(opts, &image_url, &labels, &out, patch, 1, 8, 4);
-    let (latent, head) = match backbone {
-        BackboneKind::SmallCnn => (64, 64),
-        _ => (256, 256),
-    };
-    let def = Definition::from_yaml_with_overrides(
-        &yaml,
-        "efficiency.yaml",
-        &[
-            format!("model.backbone={}", backbone.name()).as_str(),
-            &format!("model.latent_dim={latent}"),
-            &format!("model.head_width={head}"),
-            "patchgd.fill_chunk=256",
-        ],
-    )
-    .map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let _guard = rt.enter();
-    let loc = Location::parse(&def.source.images).map_err(|e| e.to_string())?;
-    let catalog = rt
-        .block_on(Catalog::load(&loc, &def.source.labels, &def.storage))
-        .map_err(|e| e.to_string())?;
-    let setup = Setup {
-        spec: ModelSpec {
-            method: def.method,
-            backbone,
-            channels: def.source.channels as i64,
-            latent_dim: latent,
-            head_width: head,
-            head_dropout: crate::model::head::HEAD_DROPOUT,
-            classes: 4,
-        },
-        device: choose_device(def.train.device).map_err(|e| e.to_string())?,
-        entries: catalog.split(Split::Train),
-        images: loc,
-        def,
-    };
+    let setup = Setup::new(opts, &rt, backbone, size, patch, images)?;
     let assembled = setup.assembled()?;
-    let batch_size = setup.def.train.batch_size;
     let batches: Vec<(&[ImagePatches], GridBatch)> = assembled
-        .chunks(batch_size)
+        .chunks(setup.def.train.batch_size)
         .map(|c| (c, GridBatch::from_images(c, setup.device)))
         .collect();
     // Warm-up: libtorch's first passes allocate and pick kernels.
@@ -142,57 +104,15 @@ pub fn measure(
         .train_on(batches[0].0, &batches[0].1)
         .map_err(|e| e.to_string())?;
     sync(setup.device);
-    let in_memory = |setup: &Setup| -> Result<(f64, usize), String> {
-        let mut t = setup.trainer()?;
-        let start = Instant::now();
-        let mut passes = 0;
-        for (images, batch) in &batches {
-            passes += t
-                .train_on(images, batch)
-                .map_err(|e| e.to_string())?
-                .patch_passes;
-        }
-        sync(setup.device);
-        Ok((passes as f64 / start.elapsed().as_secs_f64(), passes))
-    };
-    let pipeline = |setup: &Setup| -> Result<(f64, usize), String> {
-        let mut t = setup.trainer()?;
-        let start = Instant::now();
-        let rx = stream_images(
-            setup.images.clone(),
-            setup.entries.clone(),
-            setup.def.stream_config(),
-        );
-        let pass = t
-            .run_pass(
-                Phase::Train,
-                rx,
-                PassOutcome::default(),
-                |_| {},
-                |_, _| Ok::<(), TrainError>(()),
-            )
-            .map_err(|e| e.to_string())?;
-        sync(setup.device);
-        if pass.images != assembled.len() || !pass.failures.is_empty() {
-            return Err(format!(
-                "the pipeline pass trained {} of {} images ({} failures)",
-                pass.images,
-                assembled.len(),
-                pass.failures.len()
-            ));
-        }
-        let secs = start.elapsed().as_secs_f64();
-        Ok((pass.patch_passes as f64 / secs, pass.patch_passes))
-    };
     let (mut pipe, mut ceil, mut ratios): (Vec<f64>, Vec<f64>, Vec<f64>) = (vec![], vec![], vec![]);
     for round in 0..rounds {
         // Alternate which goes first, so that order effects cancel over rounds.
         let ((c, c_passes), (p, p_passes)) = if round % 2 == 0 {
-            let c = in_memory(&setup)?;
-            (c, pipeline(&setup)?)
+            let c = setup.in_memory(&batches)?;
+            (c, setup.through_pipeline(assembled.len())?)
         } else {
-            let p = pipeline(&setup)?;
-            (in_memory(&setup)?, p)
+            let p = setup.through_pipeline(assembled.len())?;
+            (setup.in_memory(&batches)?, p)
         };
         if p_passes != c_passes {
             return Err(format!(
@@ -217,4 +137,102 @@ pub fn measure(
         ceiling: median(ceil),
         ratio: median(ratios),
     })
+}
+
+impl Setup {
+    /// Generate the images and a pipeline for `backbone`, and list them.
+    fn new(
+        opts: &BenchOptions,
+        rt: &tokio::runtime::Runtime,
+        backbone: BackboneKind,
+        size: u32,
+        patch: usize,
+        images: usize,
+    ) -> Result<Self, String> {
+        let dir = opts.dir.join("efficiency");
+        let (image_url, labels) =
+            generate(&dir.join("data"), size, 4, images, 0, ImageFormat::Png)?;
+        let out = dir.join("out").display().to_string();
+        let yaml = pipeline_yaml(opts, &image_url, &labels, &out, patch, 1, 8, 4);
+        let (latent, head) = match backbone {
+            BackboneKind::SmallCnn => (64, 64),
+            _ => (256, 256),
+        };
+        let def = Definition::from_yaml_with_overrides(
+            &yaml,
+            "efficiency.yaml",
+            &[
+                format!("model.backbone={}", backbone.name()).as_str(),
+                &format!("model.latent_dim={latent}"),
+                &format!("model.head_width={head}"),
+                "patchgd.fill_chunk=256",
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+        let loc = Location::parse(&def.source.images).map_err(|e| e.to_string())?;
+        let catalog = rt
+            .block_on(Catalog::load(&loc, &def.source.labels, &def.storage))
+            .map_err(|e| e.to_string())?;
+        Ok(Setup {
+            spec: ModelSpec {
+                method: def.method,
+                backbone,
+                channels: def.source.channels as i64,
+                latent_dim: latent,
+                head_width: head,
+                head_dropout: crate::model::head::HEAD_DROPOUT,
+                classes: 4,
+            },
+            device: choose_device(def.train.device).map_err(|e| e.to_string())?,
+            entries: catalog.split(Split::Train),
+            images: loc,
+            def,
+        })
+    }
+
+    /// The ceiling: the same steps on batches already built and on the device. Returns patch
+    /// passes per second and the passes made.
+    fn in_memory(&self, batches: &[(&[ImagePatches], GridBatch)]) -> Result<(f64, usize), String> {
+        let mut t = self.trainer()?;
+        let start = Instant::now();
+        let mut passes = 0;
+        for (images, batch) in batches {
+            passes += t
+                .train_on(images, batch)
+                .map_err(|e| e.to_string())?
+                .patch_passes;
+        }
+        sync(self.device);
+        Ok((passes as f64 / start.elapsed().as_secs_f64(), passes))
+    }
+
+    /// One training pass fed by the full pipeline, which must train all `expected` images.
+    fn through_pipeline(&self, expected: usize) -> Result<(f64, usize), String> {
+        let mut t = self.trainer()?;
+        let start = Instant::now();
+        let rx = stream_images(
+            self.images.clone(),
+            self.entries.clone(),
+            self.def.stream_config(),
+        );
+        let pass = t
+            .run_pass(
+                Phase::Train,
+                rx,
+                PassOutcome::default(),
+                |_| {},
+                |_, _| Ok::<(), TrainError>(()),
+            )
+            .map_err(|e| e.to_string())?;
+        sync(self.device);
+        if pass.images != expected || !pass.failures.is_empty() {
+            return Err(format!(
+                "the pipeline pass trained {} of {expected} images ({} failures)",
+                pass.images,
+                pass.failures.len()
+            ));
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok((pass.patch_passes as f64 / secs, pass.patch_passes))
+    }
 }
