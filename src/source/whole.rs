@@ -9,6 +9,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 
 use futures::{FutureExt, StreamExt};
+use tokio::sync::oneshot;
 
 use super::decode::decode;
 use super::png_rows::{self, PngRows};
@@ -96,8 +97,11 @@ pub(super) async fn open_whole(
         head
     };
     config.counters.decoded.add(1);
-    if by_rows {
-        return png_bands(entry, bytes, config, selected);
+    if by_rows && let Some((width, height)) = header_dimensions(&bytes) {
+        return match Grid::new(width, height, config.patch, config.stride) {
+            Ok(grid) => png_bands(entry, bytes, config, selected, grid.rows),
+            Err(e) => failed(failure(&entry, "patch", e.to_string())),
+        };
     }
     let e = entry.clone();
     match blocking(&entry, move || {
@@ -132,45 +136,65 @@ fn check_band(
     Ok(())
 }
 
-/// A PNG's bands, decoded row by row on the blocking pool, one grid row per step and only
-/// when the consumer asks for it (the stream's `buffered` stage runs a few ahead).
+/// A PNG's `rows` bands (one per grid row), decoded row by row on the blocking pool. Each
+/// band's future does its own work when polled, as a TIFF segment's does, so that the stream's
+/// `buffered` stage decodes several images at once; the bands of one image take turns, each
+/// handing the decoder to the next through a channel (a failure is handed on too, so every
+/// later band reports it, and the stream keeps one).
 fn png_bands(
     entry: ImageEntry,
     bytes: Bytes,
     config: Arc<StreamConfig>,
     selected: Option<Vec<bool>>,
+    rows: usize,
 ) -> Bands {
-    let first = PngBands {
+    type Turn = Result<PngBands, Failure>;
+    let (first, mut previous) = oneshot::channel::<Turn>();
+    let _ = first.send(Ok(PngBands {
         bytes,
         opened: None,
         selected,
         next: 0,
-    };
+    }));
     let entry = Arc::new(entry);
-    futures::stream::unfold(Some(first), move |state| {
-        let (entry, config) = (entry.clone(), config.clone());
-        async move {
-            let mut state = state?;
-            if state
-                .opened
-                .as_ref()
-                .is_some_and(|(_, g)| state.next >= g.rows)
-            {
-                return None;
+    futures::stream::iter(0..rows)
+        .map(move |_| {
+            let (hand_on, next) = oneshot::channel::<Turn>();
+            let mine = std::mem::replace(&mut previous, next);
+            let (entry, config) = (entry.clone(), config.clone());
+            async move {
+                let mut state = match mine.await {
+                    Ok(Ok(state)) => state,
+                    Ok(Err(f)) => {
+                        let _ = hand_on.send(Err(f.clone()));
+                        return Err(f);
+                    }
+                    Err(_) => {
+                        let f = failure(&entry, "decode", "the previous band was dropped".into());
+                        let _ = hand_on.send(Err(f.clone()));
+                        return Err(f);
+                    }
+                };
+                let e = entry.clone();
+                let step = blocking(&entry, move || {
+                    let batch = state.next_band(&e, &config)?;
+                    Ok((batch, state))
+                })
+                .await;
+                match step {
+                    Ok((batch, state)) => {
+                        let _ = hand_on.send(Ok(state));
+                        Ok(batch)
+                    }
+                    Err(f) => {
+                        let _ = hand_on.send(Err(f.clone()));
+                        Err(f)
+                    }
+                }
             }
-            let e = entry.clone();
-            let step = blocking(&entry, move || {
-                let batch = state.next_band(&e, &config)?;
-                Ok((batch, state))
-            })
-            .await;
-            Some(match step {
-                Ok((batch, state)) => (futures::future::ready(Ok(batch)).boxed(), Some(state)),
-                Err(f) => (futures::future::ready(Err(f)).boxed(), None),
-            })
-        }
-    })
-    .boxed()
+            .boxed()
+        })
+        .boxed()
 }
 
 /// Where a PNG read row by row has got to.

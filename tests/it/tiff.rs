@@ -292,6 +292,13 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
         patchgd::source::decode::encode_png(8, 8, 1, &[9; 64]),
     ));
     files.push(("notes.txt", b"not an image at all".to_vec()));
+    // A PNG cut short: read row by row, its first bands arrive, then the band whose rows are
+    // missing fails, and every later band hands that failure on (reported once).
+    let noise: Vec<u8> = (0..128 * 128u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let cut = patchgd::source::decode::encode_png(128, 128, 1, &noise);
+    files.push(("cut.png", cut[..cut.len() * 2 / 3].to_vec()));
     let mut labels = String::from("image_id,label,split\ngood,1,train\n");
     for (name, bytes) in files {
         out.put(&format!("images/{name}"), bytes).await.unwrap();
@@ -304,7 +311,7 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
     let catalog = Catalog::load(&images, &format!("{root}/labels.csv"), &Default::default())
         .await
         .unwrap();
-    assert_eq!(catalog.images.len(), 8);
+    assert_eq!(catalog.images.len(), 9);
     let mut rx = stream_images(
         images,
         catalog.split(Split::Train),
@@ -351,6 +358,7 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
         ("empty", "empty object"),
         ("tiny", "larger than the image"),
         ("notes", "not an image"),
+        ("cut", "cannot decode Png: row"),
     ];
     for (id, words) in expect {
         let m = message(id);
@@ -360,6 +368,11 @@ async fn broken_images_are_reported_by_name_and_every_image_is_accounted_for() {
     // The missing tile is in the lower half: the upper bands were sent before the failure, and a
     // consumer discards them (as the trainer's assembler does); no band follows a failure.
     assert_eq!(complete.get("missing_tile"), Some(&8));
+    let cut_rows = complete.get("cut").copied().unwrap_or(0);
+    assert!(
+        cut_rows > 0 && cut_rows < 16,
+        "cut.png: {cut_rows} of 16 patches before its failure"
+    );
     for f in &failures {
         complete.remove(&f.image_id);
     }
