@@ -79,6 +79,9 @@ pub struct StreamConfig {
     pub foreground: Foreground,
     /// TIFF work is cut into segments of a grid row this many pixels wide ([`SEGMENT_PX`]).
     pub segment_px: usize,
+    /// A PNG larger than this decoded is read row by row, one band at a time
+    /// ([`PNG_ROWS_ABOVE_BYTES`]); smaller ones are decoded whole, several images at once.
+    pub png_rows_above_bytes: u64,
     /// Geometry, statistics or pixels.
     pub read: Read,
     /// Which cells to read; `None` reads all.
@@ -102,6 +105,7 @@ impl StreamConfig {
             target_mpp: None,
             foreground: Foreground::default(),
             segment_px: SEGMENT_PX,
+            png_rows_above_bytes: PNG_ROWS_ABOVE_BYTES,
             read: Read::Pixels,
             select: None,
             drop_unselected: false,
@@ -122,6 +126,10 @@ pub enum SourceItem {
 }
 
 const PERMIT_BYTES: usize = 1024;
+/// PNGs up to this size decoded (64 MiB: about 4,700 px square RGB) are decoded whole, as the
+/// decode workers can then work on several at once; the bands of a PNG read row by row take
+/// turns. Above it, memory matters more than that parallelism.
+pub const PNG_ROWS_ABOVE_BYTES: u64 = 64 << 20;
 /// Width of one unit of TIFF work: the patches of a grid row are cut in segments this wide.
 pub const SEGMENT_PX: usize = 4096;
 /// The first request for every object: enough for a PNG/JPEG thumbnail or a TIFF's directories.

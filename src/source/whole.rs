@@ -39,7 +39,12 @@ pub(super) async fn open_whole(
             ),
         ));
     }
-    let by_rows = png_rows::streams_by_rows(&head) && config.resize_to.is_none();
+    let by_rows = png_rows::streams_by_rows(&head)
+        && config.resize_to.is_none()
+        && header_dimensions(&head).is_some_and(|(w, h)| {
+            (w as u64 * h as u64).saturating_mul(config.channels as u64)
+                > config.png_rows_above_bytes
+        });
     // The size the header declares, checked before the rest is fetched or anything decoded.
     if let Some((width, height)) = header_dimensions(&head) {
         let checked = check_declared_size(width, height, config.channels, !by_rows)

@@ -101,6 +101,7 @@ async fn a_png_read_row_by_row_gives_the_patches_of_a_whole_decode_with_overlapp
         let whole = decode(&png, channels, None).unwrap().pixels;
         let config = StreamConfig {
             stride,
+            png_rows_above_bytes: 0, // this small PNG too is read row by row
             ..StreamConfig::new(16, channels)
         };
         let mut rx = stream_images(loc.clone(), entries.clone(), config);
