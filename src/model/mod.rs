@@ -59,6 +59,20 @@ pub enum Method {
     Gd,
 }
 
+/// What the backbone's BatchNorm layers do in training.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchNormMode {
+    /// Normalise with each mini-batch's statistics and update the running ones (PyTorch's
+    /// `model.train()`).
+    #[default]
+    Train,
+    /// Normalise with the running statistics and leave them untouched; the scale and shift still
+    /// learn. The usual choice when fine-tuning pretrained weights with small patch batches, and
+    /// what makes a step's gradient independent of how its patches are grouped.
+    Frozen,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub method: Method,
@@ -91,6 +105,8 @@ pub struct Model {
     precision: Precision,
     /// With bf16: the fp32 master of each variable whose `vs` tensor now holds a bf16 copy.
     masters: BTreeMap<String, Tensor>,
+    /// `model.batch_norm`: whether the backbone's BatchNorm uses batch statistics in training.
+    batch_norm: BatchNormMode,
 }
 
 impl Model {
@@ -132,7 +148,13 @@ impl Model {
             classifier,
             precision: Precision::F32,
             masters: BTreeMap::new(),
+            batch_norm: BatchNormMode::Train,
         }
+    }
+
+    /// Choose what the backbone's BatchNorm does in training ([`BatchNormMode`]).
+    pub fn set_batch_norm(&mut self, mode: BatchNormMode) {
+        self.batch_norm = mode;
     }
 
     /// Choose how forward passes compute; call once, before the optimizer is built.
@@ -184,7 +206,10 @@ impl Model {
     }
 
     /// Patches (N x C x m x m, normalised) -> N x D.
+    /// `train` selects batch statistics for BatchNorm unless it is frozen (the backbones have no
+    /// other layer that trains differently).
     pub fn encode(&self, patches: &Tensor, train: bool) -> Tensor {
+        let train = train && self.batch_norm == BatchNormMode::Train;
         self.forward(patches, |x| self.backbone.forward_t(x, train))
     }
 

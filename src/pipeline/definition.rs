@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackboneKind, Method};
+use crate::model::{BackboneKind, BatchNormMode, Method};
 use crate::patch::Foreground;
 use crate::source::StreamConfig;
 use crate::storage::StoreOptions;
@@ -238,6 +238,10 @@ pub struct ModelSection {
     /// Dropout2d probability after each of the head's blocks (0 turns it off).
     #[serde(default = "default_head_dropout")]
     pub head_dropout: f64,
+    /// What the backbone's BatchNorm does in training: `train` (batch statistics) or `frozen`
+    /// (running statistics, as for fine-tuning pretrained weights).
+    #[serde(default)]
+    pub batch_norm: BatchNormMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -79,9 +79,11 @@ pub fn fill(
             .map(|cells| model.encode(&batch.patches(cells), train))
             .collect();
         let d = model.spec.latent_dim;
+        // Z holds what the backbone gives: fp32 in training, f64 in the exactness tests.
+        let kind = outs.first().map_or(Kind::Float, |o| o.kind());
         let base = || match reuse {
-            Some(r) => r.z.view([b * k, d]).to_device(device).to_kind(Kind::Float),
-            None => Tensor::zeros([b * k, d], (Kind::Float, device)),
+            Some(r) => r.z.view([b * k, d]).to_device(device).to_kind(kind),
+            None => Tensor::zeros([b * k, d], (kind, device)),
         };
         let z = if in_order {
             Tensor::cat(&outs, 0)
