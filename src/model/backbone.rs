@@ -117,12 +117,18 @@ impl Backbone {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.features_t(x, train).apply(&self.project)
+    }
+
+    /// The trunk's pooled features, before the projection to D (what torchvision's model
+    /// computes before its `fc` or `classifier`).
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         let wanted = self.kind.input_channels(self.data_channels);
-        let x = if wanted != self.data_channels {
+        let x = if x.size()[1] != wanted {
             x.expand([-1, wanted, -1, -1], false)
         } else {
             x.shallow_clone()
         };
-        self.trunk.forward_t(&x, train).apply(&self.project)
+        self.trunk.forward_t(&x, train)
     }
 }

@@ -4,13 +4,17 @@
 pub mod backbone;
 pub mod head;
 pub mod init;
+pub mod input;
 pub mod mobilenet;
 pub mod norm;
 pub mod precision;
+pub mod pretrained;
 pub mod resnet;
+mod torch_pickle;
 
 pub use backbone::{Backbone, BackboneKind};
 pub use head::Head;
+pub use input::Normalization;
 pub use precision::Precision;
 
 /// Saved tensors (a checkpoint's weights or optimizer state) that do not fit what they are
@@ -213,6 +217,13 @@ impl Model {
         self.forward(patches, |x| self.backbone.forward_t(x, train))
     }
 
+    /// Patches -> the backbone trunk's pooled features (N x features), before the projection
+    /// to D; eval mode with `train` false.
+    pub fn trunk_features(&self, patches: &Tensor, train: bool) -> Tensor {
+        let train = train && self.batch_norm == BatchNormMode::Train;
+        self.forward(patches, |x| self.backbone.features_t(x, train))
+    }
+
     /// Latent grid (B x D x rows x cols) -> B x classes logits.
     pub fn classify_grid(&self, z: &Tensor, train: bool) -> Tensor {
         let head = self
@@ -267,13 +278,26 @@ impl Model {
     pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), LoadError> {
         let by_name: std::collections::HashMap<&str, &Tensor> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (name, mut var) in self.vs.variables() {
-            let t = by_name
-                .get(name.as_str())
-                .ok_or_else(|| LoadError::Missing {
-                    what: "weights",
-                    name: name.clone(),
-                })?;
+        if let Some(name) = self
+            .vs
+            .variables()
+            .into_keys()
+            .find(|n| !by_name.contains_key(n.as_str()))
+        {
+            return Err(LoadError::Missing {
+                what: "weights",
+                name,
+            });
+        }
+        self.load_some(tensors)
+    }
+
+    /// Overwrite the variables named in `tensors` (pretrained weights: some of them); the
+    /// others keep their values. A name the model does not have is ignored.
+    pub fn load_some(&self, tensors: &[(String, Tensor)]) -> Result<(), LoadError> {
+        let vars = self.vs.variables();
+        for (name, t) in tensors {
+            let Some(var) = vars.get(name) else { continue };
             if t.size() != var.size() {
                 return Err(LoadError::Shape {
                     name: name.clone(),
@@ -283,10 +307,10 @@ impl Model {
             }
             tch::no_grad(|| {
                 let t = t.to_device(var.device());
-                if let Some(master) = self.masters.get(&name) {
+                if let Some(master) = self.masters.get(name) {
                     master.shallow_clone().copy_(&t);
                 }
-                var.copy_(&t)
+                var.shallow_clone().copy_(&t)
             });
         }
         Ok(())

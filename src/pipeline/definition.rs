@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackboneKind, BatchNormMode, Method};
+use crate::model::{BackboneKind, BatchNormMode, Method, Normalization};
 use crate::patch::Foreground;
 use crate::source::StreamConfig;
 use crate::storage::StoreOptions;
@@ -89,6 +89,10 @@ pub struct SourceSpec {
     /// Instead of `level`: the TIFF level nearest this many microns per pixel.
     #[serde(default)]
     pub target_mpp: Option<f64>,
+    /// How pixels become the backbone's input: x / 255, then (x - mean) / std per channel
+    /// (`minus_one_to_one`, the default; `imagenet`; or `{mean: [...], std: [...]}`).
+    #[serde(default)]
+    pub normalize: Normalization,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +246,14 @@ pub struct ModelSection {
     /// (running statistics, as for fine-tuning pretrained weights).
     #[serde(default)]
     pub batch_norm: BatchNormMode,
+    /// Backbone weights to start from: a torchvision state dict (`torch.save`, `.pt`/`.pth`) or
+    /// a safetensors file with torchvision's names (or patchgd's own), on any supported store.
+    #[serde(default)]
+    pub pretrained: Option<String>,
+    /// A previous patchgd run's output, or one of its checkpoints, to start every weight from
+    /// (the head too, when the class count matches).
+    #[serde(default)]
+    pub init_from: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -54,6 +54,7 @@ pub fn build_trainer(
             spool: SpoolPolicy {
                 above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
             },
+            normalization: def.source.normalize.clone(),
         },
         LatentStore::new(
             def.latent.budget_mib << 20,

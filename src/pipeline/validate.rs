@@ -62,6 +62,24 @@ impl Definition {
         if self.source.buffer_mib == 0 {
             return bad("source.buffer_mib", "must be at least 1");
         }
+        if let Err(e) = self.source.normalize.check(self.source.channels) {
+            return bad("source.normalize", e);
+        }
+        let input = self
+            .source
+            .normalize
+            .input_channels(self.source.channels as i64);
+        if self.model.backbone == crate::model::BackboneKind::SmallCnn
+            && input != self.source.channels as i64
+        {
+            return bad(
+                "source.normalize",
+                format!(
+                    "has RGB statistics, which turn grey data into 3 channels, but small_cnn takes the data's {} channel; use 1 value of mean and std",
+                    self.source.channels
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -106,6 +124,12 @@ impl Definition {
                     "is {}; must be at least 0 and below 1",
                     self.model.head_dropout
                 ),
+            );
+        }
+        if self.model.pretrained.is_some() && self.model.init_from.is_some() {
+            return bad(
+                "model.init_from",
+                "is set together with model.pretrained; a run starts from one of them",
             );
         }
         if let Some(c) = self.model.classes

@@ -8,11 +8,14 @@
 //!   chunk's cells are read from the spool files when the backbone needs them, which keeps
 //!   memory flat in image size;
 //! - already-normalised float input (tests and benchmarks that build batches directly).
+//!
+//! Normalisation (`source.normalize`, [`Normalization`]) happens on the device, per chunk.
 
 use std::cell::RefCell;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
+use crate::model::Normalization;
 use crate::patch::{ImagePatches, PatchPixels};
 
 enum Pixels {
@@ -37,6 +40,8 @@ pub struct GridBatch {
     channels: i64,
     patch: i64,
     device: Device,
+    /// How pixels become input (`source.normalize`).
+    normalization: Normalization,
     /// The first spool read that failed: its patch reads as zeros until the step checks this
     /// ([`GridBatch::check_reads`]) before any weight changes.
     read_error: RefCell<Option<PatchReadError>>,
@@ -60,15 +65,6 @@ fn upload(host: Tensor, device: Device) -> Tensor {
     } else {
         host
     }
-}
-
-/// u8 N x m x m x c (HWC) -> N x c x m x m float in [-1, 1], on the tensor's device.
-fn normalise(bytes: &Tensor) -> Tensor {
-    bytes
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        .g_div_scalar(127.5)
-        .g_sub_scalar(1.0)
 }
 
 impl GridBatch {
@@ -116,6 +112,7 @@ impl GridBatch {
             channels: c as i64,
             patch: m as i64,
             device,
+            normalization: Normalization::default(),
             read_error: RefCell::new(None),
         }
     }
@@ -148,6 +145,7 @@ impl GridBatch {
             rows,
             cols,
             present,
+            normalization: Normalization::default(),
             read_error: RefCell::new(None),
         }
     }
@@ -160,7 +158,7 @@ impl GridBatch {
             _ => self.patches(&all).view([
                 self.b,
                 self.cells(),
-                self.channels,
+                self.normalization.input_channels(self.channels),
                 self.patch,
                 self.patch,
             ]),
@@ -184,7 +182,9 @@ impl GridBatch {
         };
         match &self.pixels {
             Pixels::Input(t) => take(t.view([self.b * k, c, m, m])),
-            Pixels::Resident(t) => normalise(&take(t.view([self.b * k, m, m, c]))),
+            Pixels::Resident(t) => self
+                .normalization
+                .apply(&take(t.view([self.b * k, m, m, c]))),
             Pixels::Host(images) => {
                 let patch_bytes = (m * m * c) as usize;
                 let mut bytes = vec![0u8; flat.len() * patch_bytes];
@@ -202,9 +202,15 @@ impl GridBatch {
                     }
                 }
                 let host = Tensor::from_slice(&bytes).view([flat.len() as i64, m, m, c]);
-                normalise(&upload(host, self.device))
+                self.normalization.apply(&upload(host, self.device))
             }
         }
+    }
+
+    /// Pixels become input with these statistics instead of the default [-1, 1].
+    pub fn with_normalization(mut self, normalization: Normalization) -> Self {
+        self.normalization = normalization;
+        self
     }
 
     /// Whether every patch read so far came back; the first failure otherwise (once).

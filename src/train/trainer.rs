@@ -35,6 +35,8 @@ pub struct TrainerConfig {
     pub reuse_max_age: Option<u64>,
     /// Which assembled images wait for their step in a temporary file instead of memory.
     pub spool: SpoolPolicy,
+    /// How pixels become the backbone's input (`source.normalize`).
+    pub normalization: crate::model::Normalization,
 }
 
 /// Training stopped because a loss, gradient, weight or BatchNorm statistic (or, in
@@ -281,6 +283,7 @@ impl Trainer {
 
     fn to_batch(&self, images: &[ImagePatches]) -> GridBatch {
         GridBatch::from_images(images, self.device())
+            .with_normalization(self.config.normalization.clone())
     }
 
     /// One training step on a mini-batch. A loss, gradient, weight or BatchNorm statistic that
