@@ -539,7 +539,8 @@ fn with_epsilon_zeta_the_accumulated_gradient_is_the_mean_of_each_chunks_gradien
             .into_iter()
             .map(|(n, g)| (n, g / plan.chunks.len() as f64))
             .collect();
-        // f64: observed ≤ 5e-8 (a uniform 2e-8: the 1/3 loss divisor is rounded once on the way),
+        // f64: observed ≤ 5e-8 (a uniform 2e-8 over every parameter: one f32 rounding of a scale
+        // on the way, not located),
         // where an undivided loss is 2 and an undetached Z or a misplaced cell is O(1).
         assert_same_gradients(&format!("{kind:?}"), &patchgd, &mean, 1e-6);
     }
