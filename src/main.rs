@@ -5,6 +5,7 @@
 mod cli {
     pub mod bench;
     pub mod inspect;
+    pub mod predict;
     pub mod progress;
     pub mod run;
     pub mod sql;
@@ -45,6 +46,9 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// Apply a trained model (a run's output or checkpoint) to images, labelled or not: writes
+    /// predictions.parquet, errors.parquet, summary.json, and metrics.json with labels.
+    Predict(cli::predict::PredictArgs),
     /// Generate a data set.
     Synth {
         #[command(subcommand)]
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
             kind: SynthKind::Ultramnist(args),
         } => cli::synth::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
+        Command::Predict(args) => cli::predict::run(args),
         Command::Sql(args) => cli::sql::run(args),
         Command::Bench(args) => cli::bench::run(args),
     }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod definition;
 pub mod observer;
+pub mod predict;
 pub mod prepare;
 pub mod runner;
 pub mod setup;
@@ -13,4 +14,5 @@ mod validate;
 
 pub use definition::{Definition, DefinitionError};
 pub use observer::{LogObserver, RunObserver};
+pub use predict::{PredictRequest, PredictSummary, predict};
 pub use runner::{RunError, RunOptions, RunSummary, run, run_with};

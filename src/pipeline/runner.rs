@@ -46,6 +46,14 @@ pub enum RunError {
     /// `on_error: stop`).
     #[error("{0}")]
     Data(String),
+    /// A trained model (`patchgd predict --model`) cannot be used.
+    #[error("model '{url}': {reason}")]
+    Model {
+        /// The run output or checkpoint.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `model.pretrained` cannot be used.
     #[error(transparent)]
     Pretrained(#[from] crate::model::pretrained::PretrainedError),

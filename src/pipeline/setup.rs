@@ -55,6 +55,7 @@ pub fn build_trainer(
                 above_bytes: (def.train.spool_above_mib * 1048576.0) as usize,
             },
             normalization: def.source.normalize.clone(),
+            store_evaluation_latents: true,
         },
         LatentStore::new(
             def.latent.budget_mib << 20,

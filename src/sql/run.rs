@@ -29,15 +29,30 @@ fn ext(message: String) -> DataFusionError {
     DataFusionError::External(message.into())
 }
 
-/// Register the run's tables in `ctx`. `latents` is left out (with the reason returned) when
-/// the run has no complete checkpoint.
+/// Register the run's tables in `ctx`: those of its Parquet files that exist (a training run
+/// has all three; `patchgd predict` writes `predictions` and `errors`). `latents` is left out
+/// (with the reason returned) when the run has no complete checkpoint.
 pub async fn register(
     ctx: &SessionContext,
     run_url: &str,
     storage: &StoreOptions,
 ) -> Result<Option<String>> {
+    let mut registered = 0;
     for name in RUN_TABLES {
-        ctx.register_table(*name, parquet_table(run_url, name, storage).await?)?;
+        if let Some(table) = parquet_table_if_present(run_url, name, storage).await? {
+            ctx.register_table(*name, table)?;
+            registered += 1;
+        }
+    }
+    if registered == 0 {
+        return Err(ext(format!(
+            "'{run_url}' has none of {}: is it the output directory of a patchgd run or prediction?",
+            RUN_TABLES
+                .iter()
+                .map(|t| format!("{t}.parquet"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     match latents_table(run_url, storage).await {
         Ok(t) => {
@@ -54,16 +69,27 @@ pub async fn parquet_table(
     name: &str,
     storage: &StoreOptions,
 ) -> Result<Arc<dyn TableProvider>> {
+    parquet_table_if_present(run_url, name, storage)
+        .await?
+        .ok_or_else(|| {
+            ext(format!(
+                "run '{run_url}' has no {name}.parquet: is it the output directory of a patchgd run?"
+            ))
+        })
+}
+
+/// [`parquet_table`], or `None` when the file does not exist.
+async fn parquet_table_if_present(
+    run_url: &str,
+    name: &str,
+    storage: &StoreOptions,
+) -> Result<Option<Arc<dyn TableProvider>>> {
     let run = Location::parse_with(run_url, storage)
         .map_err(|e| ext(format!("run URL '{run_url}': {e}")))?;
     let file = format!("{name}.parquet");
     let bytes = match run.get(&run.path(&file)).await {
         Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => {
-            return Err(ext(format!(
-                "run '{run_url}' has no {file}: is it the output directory of a patchgd run?"
-            )));
-        }
+        Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(ext(format!("run '{run_url}': {e}"))),
     };
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -76,7 +102,7 @@ pub async fn parquet_table(
         })?;
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+    Ok(Some(Arc::new(MemTable::try_new(schema, vec![batches])?)))
 }
 
 /// The latent store of the newest complete checkpoint under `{run_url}/checkpoints` (or under

@@ -37,6 +37,9 @@ pub struct TrainerConfig {
     pub spool: SpoolPolicy,
     /// How pixels become the backbone's input (`source.normalize`).
     pub normalization: crate::model::Normalization,
+    /// Whether evaluation keeps each image's Z in the latent store (training's validation
+    /// does, for SQL over latents; `patchgd predict` over many large images does not).
+    pub store_evaluation_latents: bool,
 }
 
 /// Training stopped because a loss, gradient, weight or BatchNorm statistic (or, in
@@ -371,9 +374,11 @@ impl Trainer {
         let logits = match self.model.spec.method {
             Method::Patchgd => {
                 let (logits, z) = predict(&self.model, &batch, self.config.fill_chunk);
-                let step = self.optimizer.steps as u64;
-                let cells = (batch.batch_size() * batch.cells()) as usize;
-                self.store_latents(images, &z, &vec![step; cells]);
+                if self.config.store_evaluation_latents {
+                    let step = self.optimizer.steps as u64;
+                    let cells = (batch.batch_size() * batch.cells()) as usize;
+                    self.store_latents(images, &z, &vec![step; cells]);
+                }
                 logits
             }
             Method::Gd => gd_predict(&self.model, &batch),
@@ -382,11 +387,27 @@ impl Trainer {
         super::optim::all_finite(std::slice::from_ref(&logits)).map_err(|_| {
             self.non_finite(NonFinite("a prediction".into()), Phase::Evaluate, images)
         })?;
-        let loss = tch::no_grad(|| {
-            logits
-                .cross_entropy_for_logits(&batch.labels)
-                .double_value(&[])
-        });
+        // Summed over the labelled images (`patchgd predict` takes unlabelled ones too: -1).
+        let labelled: Vec<i64> = images
+            .iter()
+            .enumerate()
+            .filter(|(_, im)| im.key.label.is_some_and(|l| l >= 0))
+            .map(|(i, _)| i as i64)
+            .collect();
+        let loss_sum = if labelled.is_empty() {
+            0.0
+        } else if labelled.len() == images.len() {
+            let mean = tch::no_grad(|| logits.cross_entropy_for_logits(&batch.labels));
+            mean.double_value(&[]) * images.len() as f64
+        } else {
+            let idx = Tensor::from_slice(&labelled).to_device(logits.device());
+            let mean = tch::no_grad(|| {
+                logits
+                    .index_select(0, &idx)
+                    .cross_entropy_for_logits(&batch.labels.index_select(0, &idx))
+            });
+            mean.double_value(&[]) * labelled.len() as f64
+        };
         let probs = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
         let classes = probs.size()[1] as usize;
         let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1)).expect("probabilities to Vec");
@@ -407,11 +428,7 @@ impl Trainer {
                 }
             })
             .collect();
-        Ok((
-            loss * images.len() as f64,
-            predictions,
-            batch.present_cells() as usize,
-        ))
+        Ok((loss_sum, predictions, batch.present_cells() as usize))
     }
 
     /// Consume a patch stream to its end: train on it or evaluate it, continuing `start` (the

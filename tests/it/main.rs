@@ -6,6 +6,7 @@ mod checkpoints;
 mod common;
 mod patchgd_step;
 mod pipeline_files;
+mod predict;
 mod pretrained;
 mod s3;
 mod source;
