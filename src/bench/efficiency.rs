@@ -33,22 +33,22 @@ pub struct EfficiencyRow {
     pub ratio: f64,
 }
 
-fn sync(device: Device) {
+pub(super) fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
 }
 
-struct Setup {
-    def: Definition,
-    images: Location,
-    entries: Vec<ImageEntry>,
-    spec: ModelSpec,
-    device: Device,
+pub(super) struct Setup {
+    pub(super) def: Definition,
+    pub(super) images: Location,
+    pub(super) entries: Vec<ImageEntry>,
+    pub(super) spec: ModelSpec,
+    pub(super) device: Device,
 }
 
 impl Setup {
-    fn trainer(&self) -> Result<Trainer, String> {
+    pub(super) fn trainer(&self) -> Result<Trainer, String> {
         build_trainer(
             &self.def,
             self.spec.clone(),
@@ -59,7 +59,7 @@ impl Setup {
     }
 
     /// Every training image, assembled through the real source (not timed).
-    fn assembled(&self) -> Result<Vec<ImagePatches>, String> {
+    pub(super) fn assembled(&self) -> Result<Vec<ImagePatches>, String> {
         let mut rx = stream_images(
             self.images.clone(),
             self.entries.clone(),
@@ -141,7 +141,7 @@ pub fn measure(
 
 impl Setup {
     /// Generate the images and a pipeline for `backbone`, and list them.
-    fn new(
+    pub(super) fn new(
         opts: &BenchOptions,
         rt: &tokio::runtime::Runtime,
         backbone: BackboneKind,

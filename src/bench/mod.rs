@@ -7,12 +7,14 @@
 //! - [`budget`]: PatchGD against GD at the same peak-memory budget and the same wall time.
 //! - [`precision`]: one run in each precision the device takes: speed, accuracy, and agreement
 //!   of its predictions with f32's.
+//! - [`predict`]: `patchgd predict`'s throughput against training's fill pass.
 
 pub mod budget;
 pub mod child;
 pub mod efficiency;
 pub mod memory;
 pub mod precision;
+pub mod predict;
 
 use std::path::{Path, PathBuf};
 
@@ -188,6 +190,7 @@ pub enum Part {
     Memory,
     Budget,
     Precision,
+    Predict,
 }
 
 /// Run the chosen parts and return the report (Markdown tables). Each table is also printed as
@@ -210,6 +213,7 @@ pub fn run(
         Part::Memory,
         Part::Budget,
         Part::Precision,
+        Part::Predict,
     ] {
         if !parts.contains(&part) {
             continue;
@@ -219,12 +223,57 @@ pub fn run(
             Part::Memory => memory_section(opts, sizes)?,
             Part::Budget => budget_section(opts)?,
             Part::Precision => precision_section(opts)?,
+            Part::Predict => predict_section(opts, backbones)?,
         };
         println!("{text}");
         report.push_str(&text);
         report.push('\n');
     }
     Ok(report)
+}
+
+fn predict_section(
+    opts: &BenchOptions,
+    backbones: &[crate::model::BackboneKind],
+) -> Result<String, String> {
+    let mut rows = Vec::new();
+    for &b in backbones {
+        let small = b == crate::model::BackboneKind::SmallCnn;
+        let (size, patch, images, rounds) = match (opts.quick, small) {
+            (true, _) => (128, 32, 8, 1),
+            (false, true) => (512, 64, 64, 3),
+            (false, false) => (512, 64, 16, 3),
+        };
+        let r = predict::measure(opts, b, size, patch, images, rounds)?;
+        rows.push(vec![
+            r.backbone.clone(),
+            format!("{} / {}", r.image_px, r.patch_px),
+            r.images.to_string(),
+            r.rounds.to_string(),
+            format!("{:.1}", r.training_fill),
+            format!("{:.1}", r.predict_in_memory),
+            format!("{:.1}", r.predict_pipeline),
+            format!("{:.2}", r.predict_images_per_s),
+            format!("{:.3}", r.ratio),
+        ]);
+    }
+    Ok(format!(
+        "## 5. Prediction throughput (patch passes/s; target: predict >= 0.9 x training's fill pass)\n\n{}",
+        table(
+            &[
+                "backbone",
+                "image / patch px",
+                "images",
+                "rounds",
+                "training fill (in memory)",
+                "predict (in memory)",
+                "predict (full pipeline)",
+                "predict images/s",
+                "ratio",
+            ],
+            &rows
+        )
+    ))
 }
 
 fn efficiency_section(

@@ -57,6 +57,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Memory,
             Part::Budget,
             Part::Precision,
+            Part::Predict,
         ]
     } else {
         args.only

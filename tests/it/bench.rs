@@ -125,4 +125,21 @@ fn quick_bench_measures_every_target() {
         let agreement: f64 = r[8].parse().unwrap();
         assert!((0.0..=1.0).contains(&agreement), "{r:?}");
     }
+
+    // Prediction against training's fill pass, both backbones, 8 images of 16 patches.
+    let predict = table(&report, "## 5.");
+    assert_eq!(predict.len(), 2, "{report}");
+    for row in &predict {
+        let num = |i: usize| row[i].parse::<f64>().unwrap();
+        let (fill, in_memory, pipeline, images_per_s, ratio) =
+            (num(4), num(5), num(6), num(7), num(8));
+        assert!(fill > 0.0 && in_memory > 0.0 && pipeline > 0.0, "{row:?}");
+        assert_eq!(row[2], "8", "{row:?}");
+        // 16 patches per image: images/s is the pipeline's passes/s over 16.
+        assert!(
+            (pipeline / 16.0 - images_per_s).abs() / images_per_s < 0.02,
+            "{row:?}"
+        );
+        assert!((pipeline / fill - ratio).abs() / ratio < 0.02, "{row:?}");
+    }
 }

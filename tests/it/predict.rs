@@ -272,3 +272,47 @@ fn the_command_line_predicts_a_run_on_disk_and_says_what_it_did() {
     );
     assert_eq!(stdout.trim(), "n\n12", "{stdout}");
 }
+
+#[test]
+fn a_gd_model_predicts_whole_resized_images() {
+    let root = memory_url("predict-gd");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 8, 4, 11));
+    let run = format!("{root}/run");
+    let yaml = pipeline_yaml(
+        &images,
+        &labels,
+        &run,
+        16,
+        1,
+        "method: gd\ngd:\n  image_size: 32\n",
+    );
+    run_with(
+        &Definition::from_yaml(&yaml, "gd.yaml").unwrap(),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let own = rows(&rt.block_on(read_parquet(
+        &Location::parse(&run).unwrap(),
+        "predictions.parquet",
+    )));
+    let out = format!("{root}/out");
+    let summary = predict(&request(&run, &images, Some(&labels), &out), &LogObserver).unwrap();
+    assert_eq!((summary.images_predicted, summary.images_failed), (12, 0));
+    // One pass per image: GD sees each image whole, as a 1 x 1 grid.
+    assert_eq!(summary.patch_passes, 12);
+    let got = rows(&rt.block_on(read_parquet(
+        &Location::parse(&out).unwrap(),
+        "predictions.parquet",
+    )));
+    for (id, (_, predicted, probs)) in &own {
+        assert_eq!(&got[id].1, predicted, "{id}");
+        assert!(
+            probs
+                .iter()
+                .zip(&got[id].2)
+                .all(|(a, b)| (a - b).abs() < 1e-5),
+            "{id}"
+        );
+    }
+}
