@@ -1,6 +1,7 @@
 //! Pipelines: the definition a user writes, and the runner that wires every other module, in
 //! stages: prepare ([`prepare`]), start or resume, epochs, outputs ([`runner`]); the
-//! checkpoint payload ([`checkpoint`]) and progress reports ([`observer`]).
+//! checkpoint payload ([`checkpoint`]) and progress reports ([`observer`]); where a new run's
+//! weights come from ([`start_weights`]); a trained model applied to new images ([`predict`]).
 
 pub mod checkpoint;
 pub mod definition;
@@ -9,6 +10,7 @@ pub mod predict;
 pub mod prepare;
 pub mod runner;
 pub mod setup;
+pub mod start_weights;
 pub mod summary;
 mod validate;
 

@@ -23,6 +23,7 @@ use super::definition::{Definition, OnError};
 use super::observer::{LogObserver, RunObserver};
 use super::prepare::{Prepared, prepare};
 use super::setup::{build_trainer, choose_device, device_name};
+use super::start_weights;
 pub use super::summary::RunSummary;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
@@ -231,70 +232,12 @@ pub fn start_or_resume(
         }
     }
     if session.resumed.is_none() {
-        let model = &session.trainer.model;
-        if let Some(url) = &def.model.pretrained {
-            let report = rt.block_on(load_pretrained(model, url, def))?;
-            for line in report.lines(url) {
-                observer.note(&line);
-            }
-        }
-        if let Some(url) = &def.model.init_from {
-            for line in rt.block_on(init_from(model, url, def))? {
-                observer.note(&line);
-            }
+        for line in rt.block_on(start_weights::load(&session.trainer.model, def))? {
+            observer.note(&line);
         }
     }
     stop_on_error(def, &session.ledger.errors)?;
     Ok(session)
-}
-
-/// Load `model.init_from` (a run output or checkpoint directory); returns the lines to log.
-async fn init_from(
-    model: &crate::model::Model,
-    url: &str,
-    def: &Definition,
-) -> Result<Vec<String>, RunError> {
-    use crate::model::pretrained::{load_run_weights, read_tensors};
-    let loc = crate::storage::Location::parse_with(url, &def.storage)?;
-    let weights = format!("{}/model.safetensors", url.trim_end_matches('/'));
-    let bytes = loc.get_relative("model.safetensors").await?;
-    let tensors = read_tensors(&bytes, &weights)?;
-    let report = load_run_weights(model, &tensors, &weights)?;
-    let mut lines = vec![format!(
-        "init_from: loaded {} tensors from {weights}",
-        report.loaded
-    )];
-    if let Some(why) = report.fresh_head {
-        lines.push(format!("init_from: the head starts fresh: {why}"));
-    }
-    // The earlier run's input statistics: weights are only as good as the input they expect.
-    let earlier = match loc.get_relative("pipeline.yaml").await {
-        Ok(yaml) => Definition::from_yaml(&String::from_utf8_lossy(&yaml), "pipeline.yaml").ok(),
-        Err(_) => None,
-    };
-    if let Some(earlier) = earlier
-        && earlier.source.normalize != def.source.normalize
-    {
-        lines.push(format!(
-            "init_from: warning: the earlier run normalised its input as {:?}, this one as {:?}",
-            earlier.source.normalize, def.source.normalize
-        ));
-    }
-    Ok(lines)
-}
-
-/// Fetch `model.pretrained` and load the backbone from it (a new run only: a resumed one has
-/// its checkpoint's weights).
-async fn load_pretrained(
-    model: &crate::model::Model,
-    url: &str,
-    def: &Definition,
-) -> Result<crate::model::pretrained::PretrainedReport, RunError> {
-    use crate::model::pretrained::{load_backbone, read_tensors};
-    let (loc, path) = crate::storage::Location::parse_object(url, &def.storage)?;
-    let bytes = loc.get(&path).await?;
-    let tensors = read_tensors(&bytes, url)?;
-    Ok(load_backbone(model, &tensors, url)?)
 }
 
 /// With `source.on_error: stop`, the first failure ends the run.
