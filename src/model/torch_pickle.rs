@@ -482,3 +482,73 @@ pub fn read_torch_save(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     flatten("", value, &mut out);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A zip archive holding `files` (name, bytes), stored as torch.save stores them.
+    fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let options =
+            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in files {
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn a_hand_made_state_dict_reads_its_tensors_with_their_strides() {
+        // {"w": _rebuild_tensor_v2(storage 0 (6 floats), offset 1, size (2, 2), stride (1, 2))}
+        let mut pkl = vec![0x80, 2, b'}'];
+        pkl.extend(b"X\x01\x00\x00\x00w");
+        pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ");
+        pkl.extend(b"K\x01K\x02K\x02\x86K\x01K\x02\x86\x89N");
+        pkl.extend(b"tRs.");
+        let data: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let bytes = archive(&[("m/data.pkl", &pkl), ("m/data/0", &data)]);
+        let tensors = read_torch_save(&bytes).unwrap();
+        assert_eq!(tensors.len(), 1);
+        assert_eq!(tensors[0].0, "w");
+        let w: Vec<f32> = Vec::try_from(tensors[0].1.flatten(0, -1)).unwrap();
+        // Element (i, j) is storage[1 + i + 2 j]: [[1, 3], [2, 4]].
+        assert_eq!(w, vec![1.0, 3.0, 2.0, 4.0]);
+    }
+
+    #[test]
+    fn what_is_not_a_state_dict_is_refused_with_the_reason() {
+        assert!(
+            read_torch_save(b"PK\x03\x04 cut")
+                .unwrap_err()
+                .contains("not a zip archive")
+        );
+        let no_pickle = archive(&[("m/version", b"3")]);
+        assert!(
+            read_torch_save(&no_pickle)
+                .unwrap_err()
+                .contains("no data.pkl")
+        );
+        let cut = archive(&[("m/data.pkl", &[0x80, 2, b'X', 5, 0])]);
+        assert!(
+            read_torch_save(&cut)
+                .unwrap_err()
+                .contains("ends inside an instruction")
+        );
+        let unknown = archive(&[("m/data.pkl", &[0x80, 2, b'i'])]);
+        let err = read_torch_save(&unknown).unwrap_err();
+        assert!(err.contains("0x69"), "{err}");
+        // A tensor that would read past its storage.
+        let mut pkl = vec![0x80, 2, b'}'];
+        pkl.extend(b"X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ");
+        pkl.extend(b"K\x00K\x05\x85K\x01\x85\x89NtRs.");
+        let short = archive(&[("m/data.pkl", &pkl), ("m/data/0", &[0u8; 8])]);
+        let err = read_torch_save(&short).unwrap_err();
+        assert!(err.contains("runs past storage '0'"), "{err}");
+    }
+}
