@@ -379,7 +379,7 @@ fn exact_models(kind: BackboneKind, batch_norm: patchgd::model::BatchNormMode) -
         head_dropout: 0.0,
         classes: 3,
     };
-    let mut pair = [0, 1].map(|_| {
+    let pair = [0, 1].map(|_| {
         let mut m = Model::seeded(spec.clone(), Device::Cpu, 21);
         m.set_batch_norm(batch_norm);
         // In f64, float rounding (which training-mode BatchNorm over a dozen values per
