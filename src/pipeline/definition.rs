@@ -458,6 +458,19 @@ impl Definition {
     }
 
     /// What the source stage needs from this file. GD reads each image whole, resized.
+    /// The model this definition describes, predicting `classes` classes.
+    pub fn model_spec(&self, classes: i64) -> crate::model::ModelSpec {
+        crate::model::ModelSpec {
+            method: self.method,
+            backbone: self.model.backbone,
+            channels: self.source.channels as i64,
+            latent_dim: self.model.latent_dim,
+            head_width: self.model.head_width,
+            head_dropout: self.model.head_dropout,
+            classes,
+        }
+    }
+
     pub fn stream_config(&self) -> StreamConfig {
         let (patch, stride, resize_to) = match self.method {
             Method::Patchgd => (self.patch.size, self.stride(), None),

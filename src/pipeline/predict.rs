@@ -10,12 +10,8 @@
 #![warn(missing_docs)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, Float32Builder, Int64Array, ListBuilder, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 use tch::Tensor;
 
@@ -26,7 +22,7 @@ use super::runner::RunError;
 use super::setup::{build_trainer, choose_device, device_name};
 use crate::model::pretrained::read_tensors;
 use crate::model::{Method, ModelSpec};
-use crate::sink::tables::{errors_batch, to_parquet};
+use crate::sink::tables::{errors_batch, predict_predictions_batch, to_parquet};
 use crate::source::catalog::load_labels;
 use crate::source::{Failure, ImageEntry, list_images, stream_images};
 use crate::storage::{Location, StoreOptions};
@@ -110,16 +106,7 @@ impl TrainedModel {
 
     /// The model the weights belong to.
     pub fn spec(&self) -> ModelSpec {
-        let def = &self.definition;
-        ModelSpec {
-            method: def.method,
-            backbone: def.model.backbone,
-            channels: def.source.channels as i64,
-            latent_dim: def.model.latent_dim,
-            head_width: def.model.head_width,
-            head_dropout: def.model.head_dropout,
-            classes: self.classes,
-        }
+        self.definition.model_spec(self.classes)
     }
 }
 
@@ -247,11 +234,7 @@ pub fn predict(
     req: &PredictRequest,
     observer: &dyn RunObserver,
 ) -> Result<PredictSummary, RunError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(RunError::Runtime)?;
+    let rt = super::runner::runtime()?;
     let _guard = rt.enter();
     let trained = rt.block_on(TrainedModel::load(&req.model, &req.storage))?;
     let mut def = trained.definition.clone();
@@ -329,7 +312,7 @@ pub fn predict(
         None => None,
     };
     rt.block_on(async {
-        let table = predictions_table(&pass.predictions, &urls);
+        let table = predict_predictions_batch(&pass.predictions, &urls);
         output
             .put("predictions.parquet", to_parquet(&table))
             .await?;
@@ -350,52 +333,4 @@ fn pretty<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, RunError> {
         what: what.to_string(),
         source: e.into(),
     })
-}
-
-/// `predictions.parquet` of a prediction run: image_id, url, label (null when unlabelled),
-/// predicted, probabilities.
-pub fn predictions_table(rows: &[Prediction], urls: &HashMap<String, String>) -> RecordBatch {
-    let mut probs = ListBuilder::new(Float32Builder::new()).with_field(Field::new(
-        "item",
-        DataType::Float32,
-        false,
-    ));
-    for r in rows {
-        probs.values().append_slice(&r.probabilities);
-        probs.append(true);
-    }
-    let probs = probs.finish();
-    let columns: Vec<(Field, ArrayRef)> = vec![
-        (
-            Field::new("image_id", DataType::Utf8, false),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| &r.image_id),
-            )),
-        ),
-        (
-            Field::new("url", DataType::Utf8, false),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter()
-                    .map(|r| urls.get(&r.image_id).map_or("", String::as_str)),
-            )),
-        ),
-        (
-            Field::new("label", DataType::Int64, true),
-            Arc::new(Int64Array::from_iter(
-                rows.iter().map(|r| (r.label >= 0).then_some(r.label)),
-            )),
-        ),
-        (
-            Field::new("predicted", DataType::Int64, false),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.predicted),
-            )),
-        ),
-        (
-            Field::new("probabilities", probs.data_type().clone(), false),
-            Arc::new(probs),
-        ),
-    ];
-    let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = columns.into_iter().unzip();
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).expect("columns match their fields")
 }

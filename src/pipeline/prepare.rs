@@ -39,15 +39,7 @@ pub struct Prepared {
 impl Prepared {
     /// The model these images and the definition call for.
     pub fn model_spec(&self, def: &Definition) -> ModelSpec {
-        ModelSpec {
-            method: def.method,
-            backbone: def.model.backbone,
-            channels: def.source.channels as i64,
-            latent_dim: def.model.latent_dim,
-            head_width: def.model.head_width,
-            head_dropout: def.model.head_dropout,
-            classes: self.classes,
-        }
+        def.model_spec(self.classes)
     }
 
     /// One line about what the run trains on, for its observer.

@@ -126,11 +126,7 @@ pub fn run(def: &Definition) -> Result<RunSummary, RunError> {
 /// [`run`] with options: start over (`fresh`), or report to an observer of your own.
 pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(RunError::Runtime)?;
+    let rt = runtime()?;
     let _guard = rt.enter();
     let observer: &dyn RunObserver = match &options.observer {
         Some(o) => o.as_ref(),
@@ -143,6 +139,15 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
     }
     observer.finished();
     write_outputs(def, &data, &session, started, &rt)
+}
+
+/// The runtime a run's (or a prediction's) object-store I/O and source stream run on.
+pub fn runtime() -> Result<Runtime, RunError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)
 }
 
 /// A run in progress: the trainer, what it has accounted for, and where a resumed epoch

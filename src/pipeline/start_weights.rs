@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 use super::definition::Definition;
+use super::predict::TrainedModel;
 use super::runner::RunError;
 use crate::model::Model;
 use crate::model::pretrained::{load_backbone, load_run_weights, read_tensors};
@@ -23,13 +24,12 @@ pub async fn load(model: &Model, def: &Definition) -> Result<Vec<String>, RunErr
     Ok(lines)
 }
 
-/// Load `model.init_from` (a run output or checkpoint directory); returns the lines to log.
+/// Load `model.init_from` (a run output or checkpoint directory, read as `patchgd predict`
+/// reads its model); returns the lines to log.
 async fn init_from(model: &Model, url: &str, def: &Definition) -> Result<Vec<String>, RunError> {
-    let loc = Location::parse_with(url, &def.storage)?;
-    let weights = format!("{}/model.safetensors", url.trim_end_matches('/'));
-    let bytes = loc.get_relative("model.safetensors").await?;
-    let tensors = read_tensors(&bytes, &weights)?;
-    let report = load_run_weights(model, &tensors, &weights)?;
+    let earlier = TrainedModel::load(url, &def.storage).await?;
+    let weights = &earlier.weights_url;
+    let report = load_run_weights(model, &earlier.weights, weights)?;
     let mut lines = vec![format!(
         "init_from: loaded {} tensors from {weights}",
         report.loaded
@@ -37,17 +37,12 @@ async fn init_from(model: &Model, url: &str, def: &Definition) -> Result<Vec<Str
     if let Some(why) = report.fresh_head {
         lines.push(format!("init_from: the head starts fresh: {why}"));
     }
-    // The earlier run's input statistics: weights are only as good as the input they expect.
-    let earlier = match loc.get_relative("pipeline.yaml").await {
-        Ok(yaml) => Definition::from_yaml(&String::from_utf8_lossy(&yaml), "pipeline.yaml").ok(),
-        Err(_) => None,
-    };
-    if let Some(earlier) = earlier
-        && earlier.source.normalize != def.source.normalize
-    {
+    // Weights are only as good as the input statistics they were trained with.
+    let before = &earlier.definition.source.normalize;
+    if *before != def.source.normalize {
         lines.push(format!(
-            "init_from: warning: the earlier run normalised its input as {:?}, this one as {:?}",
-            earlier.source.normalize, def.source.normalize
+            "init_from: warning: the earlier run normalised its input as {before:?}, this one as {:?}",
+            def.source.normalize
         ));
     }
     Ok(lines)

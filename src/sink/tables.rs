@@ -66,7 +66,8 @@ pub fn metrics_batch(rows: &[EpochMetrics]) -> RecordBatch {
     from_columns(columns)
 }
 
-pub fn predictions_batch(epoch: u64, rows: &[Prediction]) -> RecordBatch {
+/// The softmax of each prediction, as a `probabilities` column.
+fn probabilities_column(rows: &[Prediction]) -> (Field, ArrayRef) {
     let mut probs = ListBuilder::new(Float32Builder::new()).with_field(Field::new(
         "item",
         DataType::Float32,
@@ -77,6 +78,13 @@ pub fn predictions_batch(epoch: u64, rows: &[Prediction]) -> RecordBatch {
         probs.append(true);
     }
     let probs = probs.finish();
+    (
+        Field::new("probabilities", probs.data_type().clone(), false),
+        Arc::new(probs),
+    )
+}
+
+pub fn predictions_batch(epoch: u64, rows: &[Prediction]) -> RecordBatch {
     from_columns(vec![
         (
             Field::new("epoch", DataType::UInt64, false),
@@ -98,10 +106,43 @@ pub fn predictions_batch(epoch: u64, rows: &[Prediction]) -> RecordBatch {
                 rows.iter().map(|r| r.predicted),
             )),
         ),
+        probabilities_column(rows),
+    ])
+}
+
+/// `predictions.parquet` of `patchgd predict`: image_id, url, label (null when unlabelled),
+/// predicted, probabilities.
+pub fn predict_predictions_batch(
+    rows: &[Prediction],
+    urls: &std::collections::HashMap<String, String>,
+) -> RecordBatch {
+    from_columns(vec![
         (
-            Field::new("probabilities", probs.data_type().clone(), false),
-            Arc::new(probs),
+            Field::new("image_id", DataType::Utf8, false),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| &r.image_id),
+            )),
         ),
+        (
+            Field::new("url", DataType::Utf8, false),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter()
+                    .map(|r| urls.get(&r.image_id).map_or("", String::as_str)),
+            )),
+        ),
+        (
+            Field::new("label", DataType::Int64, true),
+            Arc::new(Int64Array::from_iter(
+                rows.iter().map(|r| (r.label >= 0).then_some(r.label)),
+            )),
+        ),
+        (
+            Field::new("predicted", DataType::Int64, false),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.predicted),
+            )),
+        ),
+        probabilities_column(rows),
     ])
 }
 

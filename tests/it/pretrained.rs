@@ -177,6 +177,32 @@ impl RunObserver for Notes {
     }
 }
 
+/// A one-epoch run with `model_keys` added to its `model:` section, at a learning rate (1e-9)
+/// that moves no weight measurably; returns its log lines.
+fn run_starting_from(images: &str, labels: &str, output: &str, model_keys: &str) -> String {
+    let yaml = pipeline_yaml(images, labels, output, 16, 1, "")
+        .replace(
+            "  head_width: 16\n",
+            &format!("  head_width: 16\n{model_keys}"),
+        )
+        .replace("  lr: 0.003\n", "  lr: 0.000000001\n");
+    let def = Definition::from_yaml(&yaml, "b.yaml").unwrap();
+    let notes = Arc::new(Notes::default());
+    let options = RunOptions {
+        observer: Some(notes.clone()),
+        ..Default::default()
+    };
+    run_with(&def, &options).unwrap();
+    notes.0.lock().unwrap().join("\n")
+}
+
+/// The tensors of a weights file at `url`.
+fn read_weights(rt: &tokio::runtime::Runtime, url: &str) -> Vec<(String, Tensor)> {
+    let (loc, path) = Location::parse_object(url, &Default::default()).unwrap();
+    let bytes = rt.block_on(loc.get(&path)).unwrap();
+    read_tensors(&bytes, url).unwrap()
+}
+
 #[test]
 fn a_run_starts_its_backbone_from_model_pretrained_and_says_what_it_loaded() {
     let root = memory_url("pretrained-run");
@@ -192,20 +218,12 @@ fn a_run_starts_its_backbone_from_model_pretrained_and_says_what_it_loaded() {
     run_with(&def, &RunOptions::default()).unwrap();
     let weights = format!("{first}/model.safetensors");
     let second = format!("{root}/second");
-    let yaml = pipeline_yaml(&images, &labels, &second, 16, 1, "")
-        .replace(
-            "  head_width: 16\n",
-            &format!("  head_width: 16\n  pretrained: {weights}\n"),
-        )
-        .replace("  lr: 0.003\n", "  lr: 0.000000001\n");
-    let def = Definition::from_yaml(&yaml, "b.yaml").unwrap();
-    let notes = Arc::new(Notes::default());
-    let options = RunOptions {
-        observer: Some(notes.clone()),
-        ..Default::default()
-    };
-    run_with(&def, &options).unwrap();
-    let notes = notes.0.lock().unwrap().join("\n");
+    let notes = run_starting_from(
+        &images,
+        &labels,
+        &second,
+        &format!("  pretrained: {weights}\n"),
+    );
     // The whole backbone (4 conv-BN blocks of 5 variables, the projection's 2) loads; the head
     // (26 variables) starts fresh, and the file's head goes unused.
     for line in [
@@ -217,12 +235,10 @@ fn a_run_starts_its_backbone_from_model_pretrained_and_says_what_it_loaded() {
     }
     // With a learning rate of 1e-9, the second run ends where it started: the first run's
     // backbone (to 1e-6).
-    let read = |url: &str| {
-        let (loc, path) = Location::parse_object(url, &Default::default()).unwrap();
-        let bytes = rt.block_on(loc.get(&path)).unwrap();
-        read_tensors(&bytes, url).unwrap()
-    };
-    let (a, b) = (read(&weights), read(&format!("{second}/model.safetensors")));
+    let (a, b) = (
+        read_weights(&rt, &weights),
+        read_weights(&rt, &format!("{second}/model.safetensors")),
+    );
     let conv = "backbone.block1.conv.weight";
     let diff = (tensor(&a, conv) - tensor(&b, conv))
         .abs()
@@ -243,12 +259,7 @@ fn a_run_started_with_init_from_continues_from_the_earlier_runs_weights() {
     )
     .unwrap();
     run_with(&def, &RunOptions::default()).unwrap();
-    let read = |url: &str| {
-        let (loc, path) = Location::parse_object(url, &Default::default()).unwrap();
-        let bytes = rt.block_on(loc.get(&path)).unwrap();
-        read_tensors(&bytes, url).unwrap()
-    };
-    let earlier = read(&format!("{first}/model.safetensors"));
+    let earlier = read_weights(&rt, &format!("{first}/model.safetensors"));
     // Run B: every weight from the earlier run's output; run C: from its checkpoint, with
     // another class count, so the head starts fresh. A learning rate of 1e-9 keeps what they
     // start from.
@@ -272,20 +283,12 @@ fn a_run_started_with_init_from_continues_from_the_earlier_runs_weights() {
         ),
     ] {
         let out = format!("{root}/{name}");
-        let yaml = pipeline_yaml(&images, &labels, &out, 16, 1, "")
-            .replace(
-                "  head_width: 16\n",
-                &format!("  head_width: 16\n{extra}  init_from: {from}\n"),
-            )
-            .replace("  lr: 0.003\n", "  lr: 0.000000001\n");
-        let def = Definition::from_yaml(&yaml, "b.yaml").unwrap();
-        let notes = Arc::new(Notes::default());
-        let options = RunOptions {
-            observer: Some(notes.clone()),
-            ..Default::default()
-        };
-        run_with(&def, &options).unwrap();
-        let notes = notes.0.lock().unwrap().join("\n");
+        let notes = run_starting_from(
+            &images,
+            &labels,
+            &out,
+            &format!("{extra}  init_from: {from}\n"),
+        );
         let loaded = if fresh_head { 22 } else { 48 };
         assert!(
             notes.contains(&format!(
@@ -298,7 +301,7 @@ fn a_run_started_with_init_from_continues_from_the_earlier_runs_weights() {
             fresh_head,
             "{name}: {notes}"
         );
-        let now = read(&format!("{out}/model.safetensors"));
+        let now = read_weights(&rt, &format!("{out}/model.safetensors"));
         for (var, same) in [
             ("backbone.block1.conv.weight", true),
             ("head.block0.conv.weight", !fresh_head),
