@@ -33,6 +33,11 @@ pub struct PredictArgs {
     /// credentials come from the environment).
     #[arg(long = "storage", value_name = "KEY=VALUE")]
     pub storage: Vec<String>,
+    /// Also write each image's per-patch class evidence (Grad-CAM at the latent grid Z):
+    /// heatmaps.parquet (image_id, row, col, class, score) and heatmaps/<image_id>.png, the
+    /// predicted class's evidence over a thumbnail. PatchGD models only.
+    #[arg(long)]
+    pub heatmaps: bool,
     /// Plain log lines even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
@@ -54,6 +59,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         storage: StoreOptions::from_pairs(&args.storage)?,
         batch_size: args.batch_size,
         device,
+        heatmaps: args.heatmaps,
     };
     let progress = Arc::new(super::progress::Progress::new(!args.no_progress));
     let summary = predict(&request, progress.as_ref());
@@ -72,5 +78,21 @@ pub fn run(args: PredictArgs) -> Result<()> {
         s.patch_passes_per_s,
         s.output
     );
+    if let Some(h) = &s.heatmaps {
+        println!(
+            "heatmaps: {} images ({} rows) in heatmaps.parquet, {} pictures under heatmaps/{}",
+            h.images,
+            h.rows,
+            h.pictures,
+            if h.failures.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} could not be drawn: see errors.parquet)",
+                    h.failures.len()
+                )
+            }
+        );
+    }
     Ok(())
 }

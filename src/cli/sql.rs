@@ -96,7 +96,7 @@ pub fn run(args: SqlArgs) -> Result<()> {
                 tables.extend(["images", "patches"]);
             }
             if sources.run.is_some() {
-                tables.extend(["metrics", "predictions", "errors", "latents"]);
+                tables.extend(["metrics", "predictions", "errors", "heatmaps", "latents"]);
             }
             let banner = format!(
                 "patchgd sql: tables {}",

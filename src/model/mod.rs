@@ -2,6 +2,7 @@
 //! GD baseline's linear classifier. Variables are named `backbone.*`, `head.*`, `classifier.*`.
 
 pub mod backbone;
+pub mod grad_cam;
 pub mod head;
 pub mod init;
 pub mod input;

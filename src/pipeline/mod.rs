@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod definition;
+pub mod heatmaps;
 pub mod observer;
 pub mod predict;
 pub mod prepare;

@@ -46,6 +46,9 @@ pub struct PredictRequest {
     pub batch_size: Option<usize>,
     /// Where the model runs; the run's `train.device` when `None`.
     pub device: Option<DeviceChoice>,
+    /// Also write each image's per-cell class evidence (Grad-CAM at Z): `heatmaps.parquet`
+    /// and a PNG per image under `heatmaps/` (PatchGD models only).
+    pub heatmaps: bool,
 }
 
 /// A trained model as a run left it: its definition, weights and class count.
@@ -139,6 +142,9 @@ pub struct PredictSummary {
     pub patch_passes_per_s: f64,
     /// The output URL.
     pub output: String,
+    /// With `--heatmaps`: images in `heatmaps.parquet`, its rows, and the PNGs written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmaps: Option<super::heatmaps::HeatmapOutcome>,
 }
 
 /// `metrics.json`: how the predictions compare with the labels.
@@ -245,6 +251,14 @@ pub fn predict(
     }
     def.train.device = req.device.unwrap_or(def.train.device);
     def.latent.reuse = false;
+    if req.heatmaps && def.method != Method::Patchgd {
+        return Err(RunError::Model {
+            url: trained.weights_url.clone(),
+            reason: "--heatmaps needs a PatchGD model (method: patchgd): the evidence is taken \
+                     at the latent grid Z, which a GD model does not have"
+                .into(),
+        });
+    }
     let device = choose_device(def.train.device)?;
     let output = Location::parse_with(&req.output, &req.storage)?;
     let (images, entries, listing_failures) = rt.block_on(list_labelled(req, trained.classes))?;
@@ -274,21 +288,57 @@ pub fn predict(
         .iter()
         .map(|e| (e.image_id.clone(), e.url.clone()))
         .collect();
+    let writer = req.heatmaps.then(|| {
+        super::heatmaps::spawn(
+            super::heatmaps::HeatmapJob {
+                images: images.clone(),
+                entries: entries
+                    .iter()
+                    .map(|e| (e.image_id.clone(), e.clone()))
+                    .collect(),
+                stream: def.stream_config(),
+                stride: def.stride(),
+                output: output.clone(),
+            },
+            rt.handle().clone(),
+        )
+    });
+    trainer.evidence = writer.as_ref().map(|(tx, _)| tx.clone());
     let started = Instant::now();
     let rx = stream_images(images.clone(), entries, def.stream_config());
-    let pass: PassOutcome = trainer.run_pass(
+    let pass: Result<PassOutcome, RunError> = trainer.run_pass(
         Phase::Evaluate,
         rx,
         PassOutcome::default(),
         |n| observer.images_done(listing_failures.len() + n),
         |_, _| Ok::<(), RunError>(()),
-    )?;
+    );
+    // The writer ends when its last sender goes: the trainer's (the pass's own is dropped here).
+    trainer.evidence = None;
+    let heatmaps = match writer {
+        Some((tx, handle)) => {
+            drop(tx);
+            let outcome = handle.join().map_err(|_| RunError::Write {
+                what: "heatmaps".into(),
+                source: "the heatmap writer panicked".into(),
+            });
+            // A failed pass is the error to report; the writer's outcome only counts with it.
+            Some(outcome.and_then(|o| o))
+        }
+        None => None,
+    };
+    let pass = pass?;
+    let heatmaps = heatmaps.transpose()?;
     let seconds = started.elapsed().as_secs_f64();
     observer.finished();
     let failures: Vec<(u64, Failure)> = listing_failures
         .into_iter()
         .chain(pass.failures.iter().cloned())
         .map(|f| (0, f))
+        .collect();
+    let picture_failures: Vec<(u64, Failure)> = heatmaps
+        .iter()
+        .flat_map(|h| h.failures.iter().cloned().map(|f| (0, f)))
         .collect();
     let metrics = PredictMetrics::of(&pass.predictions, trained.classes as usize);
     let summary = PredictSummary {
@@ -305,6 +355,7 @@ pub fn predict(
         images_per_s: pass.predictions.len() as f64 / seconds.max(1e-9),
         patch_passes_per_s: pass.patch_passes as f64 / seconds.max(1e-9),
         output: output.url.clone(),
+        heatmaps,
     };
     let summary_json = pretty("summary.json", &summary)?;
     let metrics_json = match &metrics {
@@ -317,7 +368,10 @@ pub fn predict(
             .put("predictions.parquet", to_parquet(&table))
             .await?;
         output
-            .put("errors.parquet", to_parquet(&errors_batch(&failures)))
+            .put(
+                "errors.parquet",
+                to_parquet(&errors_batch(&[failures, picture_failures].concat())),
+            )
             .await?;
         if let Some(m) = metrics_json {
             output.put("metrics.json", m).await?;

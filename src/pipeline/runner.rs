@@ -461,6 +461,7 @@ pub fn write_outputs(
     };
     let col = |f: fn(&EpochMetrics) -> f64| ledger.metrics.iter().map(f).collect::<Vec<f64>>();
     let png = plot::learning_curves(
+        &def.name,
         &col(|m| m.train_loss),
         &col(|m| m.val_loss),
         &col(|m| m.train_accuracy),
@@ -470,6 +471,7 @@ pub fn write_outputs(
         let what = what.to_string();
         move |e: Box<dyn std::error::Error + Send + Sync>| RunError::Write { what, source: e }
     };
+    let png = png.map_err(|e| write_err("learning_curves.png")(e.into()))?;
     let weights = weights::safetensors_bytes(&trainer.model.named_tensors())
         .map_err(|e| write_err("weights")(e.into()))?;
     let failed: BTreeSet<&str> = ledger

@@ -8,6 +8,7 @@ pub mod listing;
 mod png_rows;
 mod segments;
 pub mod stream;
+pub mod thumbnail;
 pub mod tiff;
 mod whole;
 

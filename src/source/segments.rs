@@ -44,7 +44,7 @@ pub(super) async fn open_tiff(
 
 /// The level to read (`source.level`, or the one nearest `target_mpp`), if it can be read and
 /// its declared size is within the limits.
-fn choose_level(
+pub(super) fn choose_level(
     file: &TiffFile,
     entry: &ImageEntry,
     config: &StreamConfig,

@@ -23,14 +23,15 @@ use crate::state::checkpoint::{self, Loaded};
 use crate::storage::{Location, StorageError, StoreOptions};
 
 /// The Parquet tables a run writes, by table name.
-pub const RUN_TABLES: &[&str] = &["metrics", "predictions", "errors"];
+pub const RUN_TABLES: &[&str] = &["metrics", "predictions", "errors", "heatmaps"];
 
 fn ext(message: String) -> DataFusionError {
     DataFusionError::External(message.into())
 }
 
 /// Register the run's tables in `ctx`: those of its Parquet files that exist (a training run
-/// has all three; `patchgd predict` writes `predictions` and `errors`). `latents` is left out
+/// has metrics, predictions and errors; `patchgd predict` writes `predictions` and `errors`,
+/// and `heatmaps` with `--heatmaps`). `latents` is left out
 /// (with the reason returned) when the run has no complete checkpoint.
 pub async fn register(
     ctx: &SessionContext,

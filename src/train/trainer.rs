@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use super::batch::PatchReadError;
 use super::gd::{gd_predict, gd_step};
 use super::optim::{Adam, NonFinite};
-use super::patchgd::{GridBatch, Reuse, StepError, correct, outer_step, predict};
+use super::patchgd::{GridBatch, Reuse, StepError, correct, grid_view, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
+use crate::model::grad_cam::{ImageEvidence, grad_cam};
 use crate::model::{Method, Model};
 use crate::patch::{ImageAssembler, ImagePatches, SpoolPolicy};
 use crate::rng::Rng;
@@ -101,6 +102,10 @@ pub struct Trainer {
     pub spooled_images: u64,
     /// The epoch in progress (1-based; set by the caller, named in errors).
     pub epoch: u64,
+    /// Where evaluation sends each image's per-cell class evidence (Grad-CAM at Z), when
+    /// someone wants it (`patchgd predict --heatmaps`). Bounded: a slow consumer holds the
+    /// pass back rather than letting the evidence pile up in memory.
+    pub evidence: Option<std::sync::mpsc::SyncSender<ImageEvidence>>,
 }
 
 /// One prediction of an evaluation pass.
@@ -167,6 +172,7 @@ impl Trainer {
             reused_cells: 0,
             spooled_images: 0,
             epoch: 1,
+            evidence: None,
         }
     }
 
@@ -371,7 +377,7 @@ impl Trainer {
         images: &[ImagePatches],
     ) -> Result<(f64, Vec<Prediction>, usize), TrainError> {
         let batch = self.to_batch(images);
-        let logits = match self.model.spec.method {
+        let (logits, z) = match self.model.spec.method {
             Method::Patchgd => {
                 let (logits, z) = predict(&self.model, &batch, self.config.fill_chunk);
                 if self.config.store_evaluation_latents {
@@ -379,9 +385,9 @@ impl Trainer {
                     let cells = (batch.batch_size() * batch.cells()) as usize;
                     self.store_latents(images, &z, &vec![step; cells]);
                 }
-                logits
+                (logits, Some(z))
             }
-            Method::Gd => gd_predict(&self.model, &batch),
+            Method::Gd => (gd_predict(&self.model, &batch), None),
         };
         batch.check_reads()?;
         super::optim::all_finite(std::slice::from_ref(&logits)).map_err(|_| {
@@ -411,7 +417,7 @@ impl Trainer {
         let probs = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
         let classes = probs.size()[1] as usize;
         let flat: Vec<f32> = Vec::try_from(probs.flatten(0, -1)).expect("probabilities to Vec");
-        let predictions = images
+        let predictions: Vec<Prediction> = images
             .iter()
             .enumerate()
             .map(|(i, im)| {
@@ -428,6 +434,10 @@ impl Trainer {
                 }
             })
             .collect();
+        if let (Some(tx), Some(z)) = (&self.evidence, z) {
+            let maps = grad_cam(&self.model, &grid_view(&z, batch.rows, batch.cols));
+            send_evidence(tx, &maps.0, &predictions, (batch.rows, batch.cols));
+        }
         Ok((loss_sum, predictions, batch.present_cells() as usize))
     }
 
@@ -532,5 +542,33 @@ impl Trainer {
         progress(out.images + out.failures.len());
         out.seconds = base_seconds + started.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+/// Each image's Grad-CAM maps (B x classes x rows x cols) to the evidence consumer. A consumer
+/// that has gone away (it failed, and reports why when joined) is not an error here.
+fn send_evidence(
+    tx: &std::sync::mpsc::SyncSender<ImageEvidence>,
+    maps: &Tensor,
+    predictions: &[Prediction],
+    (rows, cols): (i64, i64),
+) {
+    let maps = maps.to_kind(Kind::Float).to_device(Device::Cpu);
+    let classes = maps.size()[1];
+    let cells = (rows * cols) as usize;
+    let flat: Vec<f32> = Vec::try_from(maps.flatten(0, -1)).expect("evidence to Vec");
+    for (i, p) in predictions.iter().enumerate() {
+        let image = &flat[i * classes as usize * cells..(i + 1) * classes as usize * cells];
+        let evidence = ImageEvidence {
+            image_id: p.image_id.clone(),
+            rows: rows as usize,
+            cols: cols as usize,
+            scores: image.chunks(cells).map(<[f32]>::to_vec).collect(),
+            predicted: p.predicted,
+            probability: p.probabilities[p.predicted as usize],
+        };
+        if tx.send(evidence).is_err() {
+            return;
+        }
     }
 }

@@ -4,6 +4,7 @@ mod architecture;
 mod bench;
 mod checkpoints;
 mod common;
+mod heatmaps;
 mod patchgd_step;
 mod pipeline_files;
 mod predict;

@@ -47,6 +47,7 @@ fn request(model: &str, images: &str, labels: Option<&str>, output: &str) -> Pre
         storage: Default::default(),
         batch_size: Some(5),
         device: None,
+        heatmaps: false,
     }
 }
 
@@ -224,7 +225,7 @@ fn the_command_line_predicts_a_run_on_disk_and_says_what_it_did() {
         .args([
             "predict", "--model", &run, "--images", &images, "--labels", &labels,
         ])
-        .args(["--output", &out, "--no-progress"])
+        .args(["--output", &out, "--no-progress", "--heatmaps"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&done.stdout);
@@ -243,9 +244,16 @@ fn the_command_line_predicts_a_run_on_disk_and_says_what_it_did() {
         "errors.parquet",
         "summary.json",
         "metrics.json",
+        "heatmaps.parquet",
+        "heatmaps/train/0000.png",
+        "heatmaps/val/0003.png",
     ] {
         assert!(std::path::Path::new(&out).join(file).exists(), "no {file}");
     }
+    assert!(
+        stdout.contains("heatmaps: 12 images (96 rows) in heatmaps.parquet, 12 pictures"),
+        "{stdout}"
+    );
     // `patchgd sql --run` reads a prediction's tables, joinable with the images' patches.
     let query = "SELECT count(DISTINCT p.image_id) AS n FROM predictions p \
                  JOIN patches q ON p.image_id = q.image_id WHERE p.label IS NOT NULL";
@@ -271,6 +279,30 @@ fn the_command_line_predicts_a_run_on_disk_and_says_what_it_did() {
         String::from_utf8_lossy(&sql.stderr)
     );
     assert_eq!(stdout.trim(), "n\n12", "{stdout}");
+    // Heatmap cells join the patches table cell for cell: the 20 cells with the most class-1
+    // evidence, with their brightness.
+    let query = "SELECT count(*) AS n, count(DISTINCT h.image_id) AS images \
+                 FROM (SELECT * FROM heatmaps WHERE class = 1 ORDER BY score DESC LIMIT 20) h \
+                 JOIN patches q ON h.image_id = q.image_id AND h.row = q.row AND h.col = q.col";
+    let sql = std::process::Command::new(env!("CARGO_BIN_EXE_patchgd"))
+        .args(["sql", "--run", &out, "--images", &images])
+        .args(["--patch", "16", "--channels", "1", "--format", "csv", query])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&sql.stdout);
+    assert!(
+        sql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sql.stderr)
+    );
+    let counts: Vec<&str> = stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .collect();
+    assert_eq!(counts[0], "20", "every top cell has its patch: {stdout}");
+    assert!(counts[1].parse::<u32>().unwrap() >= 5, "{stdout}");
 }
 
 #[test]
