@@ -10,8 +10,12 @@
 //! 2. Peak RSS of `patchgd inspect --scan` (a separate process per size) patching generated tiled
 //!    TIFFs of 8k, 16k and 32k px, and PNGs (read row by row) of 8k, 16k and 20k px, with the
 //!    same settings.
+//! 3. Peak RSS of `patchgd predict --heatmaps` (a separate process per size) over the same tiled
+//!    TIFFs, with a small_cnn model trained here on 512 px UltraMNIST PNGs at the same patch
+//!    size: the fill pass streams the level as training does, and the heatmap's thumbnail is
+//!    read from a coarse pyramid level.
 //!
-//! `scripts/bench` runs it in full (`cargo bench --bench ingest -- rss`: only part 2); under
+//! `scripts/bench` runs it in full (`cargo bench --bench ingest -- rss`: only parts 2 and 3); under
 //! `cargo test` (no `--bench`) it runs small sizes as a smoke test.
 
 use std::process::Command;
@@ -209,6 +213,7 @@ async fn main() {
         throughput(cores, copies, repeats, dir.path()).await;
     }
     peak_rss(full, dir.path());
+    predict_rss(full, dir.path());
 }
 
 /// Part 1: decode and pipeline rates per format and store.
@@ -382,6 +387,142 @@ fn peak_rss(full: bool, dir: &std::path::Path) {
             before,
             peak,
             peak - before
+        );
+    }
+}
+
+/// Run `patchgd ARGS`, failing with its output when it fails; returns stdout.
+fn patchgd(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_patchgd"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "patchgd {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Part 3: peak RSS of `patchgd predict --heatmaps` over part 2's tiled TIFFs.
+fn predict_rss(full: bool, dir: &std::path::Path) {
+    let sizes: &[u32] = if full {
+        &[8192, 16384, 32768]
+    } else {
+        &[1024, 2048]
+    };
+    // A model for 256 px grey patches, trained for one epoch on small UltraMNIST PNGs.
+    let data = dir.join("predict-train");
+    let model = dir.join("predict-model");
+    let d = data.to_str().unwrap();
+    patchgd(&[
+        "synth",
+        "ultramnist",
+        "--out",
+        d,
+        "--size",
+        "512",
+        "--classes",
+        "2",
+        "--train",
+        "8",
+        "--val",
+        "4",
+        "--seed",
+        "5",
+    ]);
+    let yaml = format!(
+        "name: rss-model
+source:
+  images: {d}/images
+  labels: {d}/labels.csv
+  channels: 1
+  buffer_mib: 64
+patch:
+  size: {PATCH}
+  foreground:
+    background: dark
+    threshold: 32
+model:
+  backbone: small_cnn
+  latent_dim: 32
+  head_width: 32
+patchgd:
+  fill_chunk: 32
+train:
+  epochs: 1
+  batch_size: 4
+  device: cpu
+output: {}
+",
+        model.display()
+    );
+    let file = dir.join("predict-model.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    patchgd(&["run", file.to_str().unwrap(), "--fresh", "--no-progress"]);
+    println!(
+        "\nPeak RSS of `patchgd predict --heatmaps` (small_cnn, patches {PATCH} px, grey, foreground dark:32, fill_chunk 32, 64 MiB buffer):"
+    );
+    println!(
+        "{:<8} {:>12} {:>8} {:>14} {:>10} {:>14} {:>32}",
+        "size", "object MiB", "cells", "patch passes", "seconds", "peak RSS MiB", "picture"
+    );
+    for &size in sizes {
+        let src = dir.join(format!("tiff{size}"));
+        let file = src.join("images/train/000000.tif");
+        if !file.exists() {
+            patchgd(&[
+                "synth",
+                "ultramnist",
+                "--format",
+                "tiff",
+                "--classes",
+                "10",
+                "--train",
+                "1",
+                "--val",
+                "0",
+                "--tile",
+                "256",
+                "--size",
+                &size.to_string(),
+                "--out",
+                src.to_str().unwrap(),
+            ]);
+        }
+        let out = dir.join(format!("predicted{size}"));
+        patchgd(&[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--images",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--heatmaps",
+            "--no-progress",
+        ]);
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["images_predicted"], 1, "{summary}");
+        assert_eq!(summary["heatmaps"]["pictures"], 1, "{summary}");
+        let cells = (size as usize / PATCH).pow(2);
+        assert_eq!(summary["heatmaps"]["rows"], cells * 2, "{summary}");
+        // One object given as --images: its id is its name.
+        let picture = image::open(out.join("heatmaps/000000.png")).unwrap();
+        let object_mib = std::fs::metadata(&file).unwrap().len() as f64 / (1 << 20) as f64;
+        println!(
+            "{:<8} {:>12.1} {:>8} {:>14} {:>10.1} {:>14.0} {:>32}",
+            size,
+            object_mib,
+            cells,
+            summary["patch_passes"],
+            summary["seconds"].as_f64().unwrap(),
+            summary["peak_rss_bytes"].as_f64().unwrap() / (1 << 20) as f64,
+            format!("{} x {} px", picture.width(), picture.height()),
         );
     }
 }

@@ -140,6 +140,9 @@ pub struct PredictSummary {
     pub images_per_s: f64,
     /// Patch passes per second of the pass.
     pub patch_passes_per_s: f64,
+    /// Peak resident memory of the process at the end (VmHWM; 0 where unknown): with the
+    /// heatmaps' thumbnails, what an image's size costs in memory.
+    pub peak_rss_bytes: u64,
     /// The output URL.
     pub output: String,
     /// With `--heatmaps`: images in `heatmaps.parquet`, its rows, and the PNGs written.
@@ -354,6 +357,7 @@ pub fn predict(
         seconds,
         images_per_s: pass.predictions.len() as f64 / seconds.max(1e-9),
         patch_passes_per_s: pass.patch_passes as f64 / seconds.max(1e-9),
+        peak_rss_bytes: crate::train::metrics::peak_rss_bytes(),
         output: output.url.clone(),
         heatmaps,
     };

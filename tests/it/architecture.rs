@@ -14,7 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("source", &["patch", "storage"]),
     ("synth", &["rng", "source", "storage"]),
     ("train", &["model", "patch", "rng", "source", "state"]),
-    ("sink", &["source", "train"]),
+    ("sink", &["model", "source", "train"]),
     ("sql", &["patch", "source", "state", "storage"]),
     (
         "pipeline",
