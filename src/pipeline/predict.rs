@@ -316,7 +316,7 @@ pub fn predict(
         |n| observer.images_done(listing_failures.len() + n),
         |_, _| Ok::<(), RunError>(()),
     );
-    // The writer ends when its last sender goes: the trainer's (the pass's own is dropped here).
+    // The writer finishes when every sender is gone: the trainer's copy here, ours below.
     trainer.evidence = None;
     let heatmaps = match writer {
         Some((tx, handle)) => {
