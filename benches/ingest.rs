@@ -317,35 +317,7 @@ fn peak_rss(full: bool, dir: &std::path::Path) {
     );
     let bin = env!("CARGO_BIN_EXE_patchgd");
     for &(format, size) in runs {
-        let out = dir.join(format!("{format}{size}"));
-        let status = Command::new(bin)
-            .args([
-                "synth",
-                "ultramnist",
-                "--format",
-                format,
-                "--classes",
-                "10",
-                "--train",
-                "1",
-                "--val",
-                "0",
-            ])
-            .args(["--size", &size.to_string(), "--out", out.to_str().unwrap()])
-            .args(if format == "tiff" {
-                &["--tile", "256"][..]
-            } else {
-                &[]
-            })
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-        let ext = if format == "tiff" { "tif" } else { format };
-        let file = out.join(format!("images/train/000000.{ext}"));
+        let file = generated_image(dir, format, size);
         let object_mib = std::fs::metadata(&file).unwrap().len() as f64 / (1 << 20) as f64;
         let scan = Command::new(bin)
             .args([
@@ -405,6 +377,31 @@ fn patchgd(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One generated UltraMNIST image of `size` px (`tiff`: tiled pyramid, 256 px tiles; `png`),
+/// written under `dir` once and shared by parts 2 and 3.
+fn generated_image(dir: &std::path::Path, format: &str, size: u32) -> std::path::PathBuf {
+    let out = dir.join(format!("{format}{size}"));
+    let ext = if format == "tiff" { "tif" } else { format };
+    let file = out.join(format!("images/train/000000.{ext}"));
+    if !file.exists() {
+        let tile: &[&str] = if format == "tiff" {
+            &["--tile", "256"]
+        } else {
+            &[]
+        };
+        let size = size.to_string();
+        let args = [
+            &["synth", "ultramnist", "--format", format, "--classes", "10"][..],
+            &["--train", "1", "--val", "0", "--size", &size],
+            &["--out", out.to_str().unwrap()],
+            tile,
+        ]
+        .concat();
+        patchgd(&args);
+    }
+    file
 }
 
 /// Part 3: peak RSS of `patchgd predict --heatmaps` over part 2's tiled TIFFs.
@@ -471,28 +468,7 @@ output: {}
         "size", "object MiB", "cells", "patch passes", "seconds", "peak RSS MiB", "picture"
     );
     for &size in sizes {
-        let src = dir.join(format!("tiff{size}"));
-        let file = src.join("images/train/000000.tif");
-        if !file.exists() {
-            patchgd(&[
-                "synth",
-                "ultramnist",
-                "--format",
-                "tiff",
-                "--classes",
-                "10",
-                "--train",
-                "1",
-                "--val",
-                "0",
-                "--tile",
-                "256",
-                "--size",
-                &size.to_string(),
-                "--out",
-                src.to_str().unwrap(),
-            ]);
-        }
+        let file = generated_image(dir, "tiff", size);
         let out = dir.join(format!("predicted{size}"));
         patchgd(&[
             "predict",

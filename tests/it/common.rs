@@ -10,6 +10,63 @@ pub fn memory_url(test: &str) -> String {
     format!("memory://it-{test}")
 }
 
+/// A PatchGD run trained for two epochs on a square set of 16 + 8 images (32 px, patch 16);
+/// returns (root, images, labels, run output).
+pub fn trained_run(test: &str) -> (String, String, String, String) {
+    trained(test, (16, 8, 9), 2, "")
+}
+
+/// A GD run (32 px whole images) trained for one epoch on `train` + `val` square images;
+/// returns (root, images, labels, run output).
+pub fn trained_gd_run(
+    test: &str,
+    train: usize,
+    val: usize,
+    seed: u64,
+) -> (String, String, String, String) {
+    trained(
+        test,
+        (train, val, seed),
+        1,
+        "method: gd\ngd:\n  image_size: 32\n",
+    )
+}
+
+fn trained(
+    test: &str,
+    (train, val, seed): (usize, usize, u64),
+    epochs: u64,
+    extra: &str,
+) -> (String, String, String, String) {
+    let root = memory_url(test);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, train, val, seed));
+    let out = format!("{root}/run");
+    let yaml = pipeline_yaml(&images, &labels, &out, 16, epochs, extra);
+    let def = patchgd::pipeline::Definition::from_yaml(&yaml, "p.yaml").unwrap();
+    patchgd::pipeline::run_with(&def, &Default::default()).unwrap();
+    (root, images, labels, out)
+}
+
+/// A `patchgd predict` request of 5 images per head pass, without heatmaps.
+pub fn predict_request(
+    model: &str,
+    images: &str,
+    labels: Option<&str>,
+    output: &str,
+) -> patchgd::pipeline::PredictRequest {
+    patchgd::pipeline::PredictRequest {
+        model: model.into(),
+        images: images.into(),
+        labels: labels.map(String::from),
+        output: output.into(),
+        storage: Default::default(),
+        batch_size: Some(5),
+        device: None,
+        heatmaps: false,
+    }
+}
+
 /// A two-class "find the square" set: every image is `size` x `size` grey with low noise;
 /// class 1 images also have a bright square of `square` px at a random place. Returns the
 /// images URL and labels URL.

@@ -8,7 +8,7 @@ use arrow::datatypes::{Float32Type, Int64Type, UInt32Type};
 use patchgd::model::Model;
 use patchgd::model::grad_cam::grad_cam;
 use patchgd::pipeline::predict::TrainedModel;
-use patchgd::pipeline::{Definition, LogObserver, PredictRequest, RunOptions, predict, run_with};
+use patchgd::pipeline::{LogObserver, PredictRequest, predict};
 use patchgd::source::decode::decode;
 use patchgd::source::thumbnail::thumbnail;
 use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
@@ -17,7 +17,7 @@ use patchgd::storage::Location;
 use patchgd::train::patchgd::grid_view;
 use tch::{Device, Tensor};
 
-use crate::common::{memory_url, pipeline_yaml, read_parquet, square_dataset};
+use crate::common::{memory_url, predict_request, read_parquet, trained_gd_run, trained_run};
 
 /// (image_id, row, col, class) -> score.
 type Scores = HashMap<(String, u32, u32, i64), f32>;
@@ -74,28 +74,14 @@ fn grad_cam_by_hand(rt: &tokio::runtime::Runtime, run: &str, png: &[u8]) -> Tens
 
 #[test]
 fn heatmaps_hold_each_cells_grad_cam_for_every_class_and_a_picture_per_image() {
-    let root = memory_url("heatmaps");
+    let (root, images, _, run) = trained_run("heatmaps");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 16, 8, 9));
-    let run = format!("{root}/run");
-    let def =
-        Definition::from_yaml(&pipeline_yaml(&images, &labels, &run, 16, 2, ""), "p.yaml").unwrap();
-    run_with(&def, &RunOptions::default()).unwrap();
     let out = format!("{root}/out");
-    let summary = predict(
-        &PredictRequest {
-            model: run.clone(),
-            images: images.clone(),
-            labels: None,
-            output: out.clone(),
-            storage: Default::default(),
-            batch_size: Some(5),
-            device: None,
-            heatmaps: true,
-        },
-        &LogObserver,
-    )
-    .unwrap();
+    let request = PredictRequest {
+        heatmaps: true,
+        ..predict_request(&run, &images, None, &out)
+    };
+    let summary = predict(&request, &LogObserver).unwrap();
     let h = summary.heatmaps.expect("a heatmap outcome");
     // 24 images of 2 x 2 cells, 2 classes.
     assert_eq!((h.images, h.rows, h.pictures), (24, 24 * 4 * 2, 24));
@@ -143,38 +129,12 @@ fn heatmaps_hold_each_cells_grad_cam_for_every_class_and_a_picture_per_image() {
 
 #[test]
 fn a_gd_model_has_no_latent_grid_to_explain_and_says_so() {
-    let root = memory_url("heatmaps-gd");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 4, 2, 11));
-    let run = format!("{root}/run");
-    let yaml = pipeline_yaml(
-        &images,
-        &labels,
-        &run,
-        16,
-        1,
-        "method: gd\ngd:\n  image_size: 32\n",
-    );
-    run_with(
-        &Definition::from_yaml(&yaml, "gd.yaml").unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
-    let err = predict(
-        &PredictRequest {
-            model: run,
-            images,
-            labels: None,
-            output: format!("{root}/out"),
-            storage: Default::default(),
-            batch_size: None,
-            device: None,
-            heatmaps: true,
-        },
-        &LogObserver,
-    )
-    .unwrap_err()
-    .to_string();
+    let (root, images, _, run) = trained_gd_run("heatmaps-gd", 4, 2, 11);
+    let request = PredictRequest {
+        heatmaps: true,
+        ..predict_request(&run, &images, None, &format!("{root}/out"))
+    };
+    let err = predict(&request, &LogObserver).unwrap_err().to_string();
     assert!(err.contains("--heatmaps needs a PatchGD model"), "{err}");
 }
 

@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
-use patchgd::pipeline::{Definition, LogObserver, PredictRequest, RunOptions, predict, run_with};
+use patchgd::pipeline::{Definition, LogObserver, RunOptions, predict, run_with};
 use patchgd::source::decode::encode_png;
 use patchgd::storage::Location;
 
-use crate::common::{memory_url, pipeline_yaml, read_parquet, square_dataset};
+use crate::common::{
+    memory_url, pipeline_yaml, predict_request, read_parquet, square_dataset, trained_gd_run,
+    trained_run,
+};
 
 /// image_id -> (label or None, predicted, probabilities).
 type Rows = HashMap<String, (Option<i64>, i64, Vec<f32>)>;
@@ -38,31 +41,6 @@ fn rows(batches: &[RecordBatch]) -> Rows {
     out
 }
 
-fn request(model: &str, images: &str, labels: Option<&str>, output: &str) -> PredictRequest {
-    PredictRequest {
-        model: model.into(),
-        images: images.into(),
-        labels: labels.map(String::from),
-        output: output.into(),
-        storage: Default::default(),
-        batch_size: Some(5),
-        device: None,
-        heatmaps: false,
-    }
-}
-
-/// A run trained for two epochs on 16 + 8 images; returns (root, images, labels, output).
-fn trained_run(test: &str) -> (String, String, String, String) {
-    let root = memory_url(test);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 16, 8, 9));
-    let out = format!("{root}/run");
-    let def =
-        Definition::from_yaml(&pipeline_yaml(&images, &labels, &out, 16, 2, ""), "p.yaml").unwrap();
-    run_with(&def, &RunOptions::default()).unwrap();
-    (root, images, labels, out)
-}
-
 #[test]
 fn predict_gives_a_runs_own_validation_predictions_from_its_output_and_its_checkpoint() {
     let (root, images, labels, run) = trained_run("predict-run");
@@ -88,8 +66,11 @@ fn predict_gives_a_runs_own_validation_predictions_from_its_output_and_its_check
         ("from-checkpoint", format!("{run}/checkpoints/{step}")),
     ] {
         let out = format!("{root}/{name}");
-        let summary =
-            predict(&request(&model, &images, Some(&labels), &out), &LogObserver).unwrap();
+        let summary = predict(
+            &predict_request(&model, &images, Some(&labels), &out),
+            &LogObserver,
+        )
+        .unwrap();
         assert_eq!(
             (
                 summary.images_seen,
@@ -149,7 +130,7 @@ fn unlabelled_images_are_predicted_and_a_bad_one_is_named_and_counted() {
     }
     rt.block_on(new.put("broken.png", "not a png")).unwrap();
     let out = format!("{root}/out");
-    let summary = predict(&request(&run, &new.url, None, &out), &LogObserver).unwrap();
+    let summary = predict(&predict_request(&run, &new.url, None, &out), &LogObserver).unwrap();
     assert_eq!(
         (
             summary.images_seen,
@@ -194,7 +175,7 @@ fn a_model_url_that_holds_no_run_is_refused_by_name() {
         .unwrap();
     let model = format!("{root}/not-a-run");
     let err = predict(
-        &request(
+        &predict_request(
             &model,
             &format!("{root}/images"),
             None,
@@ -307,29 +288,18 @@ fn the_command_line_predicts_a_run_on_disk_and_says_what_it_did() {
 
 #[test]
 fn a_gd_model_predicts_whole_resized_images() {
-    let root = memory_url("predict-gd");
+    let (root, images, labels, run) = trained_gd_run("predict-gd", 8, 4, 11);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (images, labels) = rt.block_on(square_dataset(&root, 32, 8, 8, 4, 11));
-    let run = format!("{root}/run");
-    let yaml = pipeline_yaml(
-        &images,
-        &labels,
-        &run,
-        16,
-        1,
-        "method: gd\ngd:\n  image_size: 32\n",
-    );
-    run_with(
-        &Definition::from_yaml(&yaml, "gd.yaml").unwrap(),
-        &RunOptions::default(),
-    )
-    .unwrap();
     let own = rows(&rt.block_on(read_parquet(
         &Location::parse(&run).unwrap(),
         "predictions.parquet",
     )));
     let out = format!("{root}/out");
-    let summary = predict(&request(&run, &images, Some(&labels), &out), &LogObserver).unwrap();
+    let summary = predict(
+        &predict_request(&run, &images, Some(&labels), &out),
+        &LogObserver,
+    )
+    .unwrap();
     assert_eq!((summary.images_predicted, summary.images_failed), (12, 0));
     // One pass per image: GD sees each image whole, as a 1 x 1 grid.
     assert_eq!(summary.patch_passes, 12);
