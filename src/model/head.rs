@@ -7,13 +7,13 @@ use std::cell::RefCell;
 use tch::Tensor;
 use tch::nn;
 
-use super::init::{Conv, ConvInit, conv2d, linear};
+use super::init::{Conv, Conv2d, ConvInit, conv2d, linear};
 use super::norm::{BatchNorm2d, batch_norm2d};
 use crate::rng::Rng;
 
 #[derive(Debug)]
 struct Block {
-    conv: nn::Conv2D,
+    conv: Conv2d,
     bn: BatchNorm2d,
 }
 
@@ -84,13 +84,20 @@ impl Head {
             .to_kind(x.kind())
     }
 
-    /// `z`: B x D x rows x cols. Returns B x classes logits.
+    /// `z`: B x D x rows x cols. Returns B x classes logits. `train` turns dropout on and, unless
+    /// `frozen_bn`, makes BatchNorm use the batch's statistics.
     pub fn forward_t(&self, z: &Tensor, train: bool) -> Tensor {
+        self.forward_with(z, train, false)
+    }
+
+    /// [`Head::forward_t`], with BatchNorm on its running statistics even in training when
+    /// `frozen_bn` (`model.head_batch_norm: frozen`).
+    pub fn forward_with(&self, z: &Tensor, train: bool, frozen_bn: bool) -> Tensor {
         let mut x = z.shallow_clone();
         for b in &self.blocks {
             // (BatchNorm2d falls back to the running statistics on one value per channel: a
             // batch of one image whose grid is down to 1 x 1.)
-            x = x.apply(&b.conv).relu().apply_t(&b.bn, train);
+            x = x.apply(&b.conv).relu().apply_t(&b.bn, train && !frozen_bn);
             if train && self.dropout > 0.0 {
                 x = self.channel_dropout(&x);
             }

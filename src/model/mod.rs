@@ -112,6 +112,8 @@ pub struct Model {
     masters: BTreeMap<String, Tensor>,
     /// `model.batch_norm`: whether the backbone's BatchNorm uses batch statistics in training.
     batch_norm: BatchNormMode,
+    /// `model.head_batch_norm`: the same for the head's BatchNorm.
+    head_batch_norm: BatchNormMode,
 }
 
 impl Model {
@@ -154,12 +156,19 @@ impl Model {
             precision: Precision::F32,
             masters: BTreeMap::new(),
             batch_norm: BatchNormMode::Train,
+            head_batch_norm: BatchNormMode::Train,
         }
     }
 
     /// Choose what the backbone's BatchNorm does in training ([`BatchNormMode`]).
     pub fn set_batch_norm(&mut self, mode: BatchNormMode) {
         self.batch_norm = mode;
+    }
+
+    /// Choose what the head's BatchNorm does in training. Frozen, no layer of a PatchGD model
+    /// looks across the images of a batch: a data-parallel step then equals one process's.
+    pub fn set_head_batch_norm(&mut self, mode: BatchNormMode) {
+        self.head_batch_norm = mode;
     }
 
     /// Choose how forward passes compute; call once, before the optimizer is built.
@@ -231,7 +240,8 @@ impl Model {
             .head
             .as_ref()
             .expect("classify_grid needs a PatchGD model");
-        self.forward(z, |x| head.forward_t(x, train))
+        let frozen = self.head_batch_norm == BatchNormMode::Frozen;
+        self.forward(z, |x| head.forward_with(x, train, frozen))
     }
 
     /// Whole-image vectors (B x D) -> B x classes logits (the GD baseline).

@@ -5,10 +5,10 @@
 
 use tch::nn::{self, ModuleT};
 
-use super::init::{Conv, ConvInit, conv2d};
+use super::init::{Conv, Conv2d, ConvInit, conv2d};
 use super::norm::batch_norm2d;
 
-fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64) -> nn::Conv2D {
+fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64) -> Conv2d {
     conv2d(
         p,
         Conv::new(c_in, c_out, kernel).stride(stride),

@@ -246,6 +246,10 @@ pub struct ModelSection {
     /// (running statistics, as for fine-tuning pretrained weights).
     #[serde(default)]
     pub batch_norm: BatchNormMode,
+    /// The same for the PatchGD head's BatchNorm. Frozen, no layer looks across a batch's
+    /// images, so a data-parallel run takes the steps one process would (docs/distributed.md).
+    #[serde(default)]
+    pub head_batch_norm: BatchNormMode,
     /// Backbone weights to start from: a torchvision state dict (`torch.save`, `.pt`/`.pth`) or
     /// a safetensors file with torchvision's names (or patchgd's own), on any supported store.
     #[serde(default)]

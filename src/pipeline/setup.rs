@@ -40,6 +40,7 @@ pub fn build_trainer(
     let mut model = Model::seeded(spec, device, def.train.seed);
     model.set_precision(def.train.precision);
     model.set_batch_norm(def.model.batch_norm);
+    model.set_head_batch_norm(def.model.head_batch_norm);
     let mut trainer = Trainer::new(
         model,
         TrainerConfig {
