@@ -63,6 +63,7 @@
 
 #[cfg(feature = "cli")]
 pub mod bench;
+pub mod dist;
 pub mod model;
 pub mod patch;
 pub mod pipeline;

@@ -66,12 +66,22 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // The library reports through `tracing`: warnings and notes go to stderr.
+    // Under mpirun or srun, `run` is one rank of a data-parallel run (docs/distributed.md).
+    let group = match &cli.command {
+        Command::Run { .. } => patchgd::dist::Group::from_environment()?,
+        _ => patchgd::dist::Group::single(),
+    };
+    // The library reports through `tracing`: warnings and notes go to stderr; from rank 0 only,
+    // when there are several (the others report errors, prefixed with their rank).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(if group.is_root() {
+            tracing::Level::INFO
+        } else {
+            tracing::Level::ERROR
+        })
         .init();
     match cli.command {
         Command::Run {
@@ -79,7 +89,16 @@ fn main() -> Result<()> {
             set,
             no_progress,
             fresh,
-        } => cli::run::run(&pipeline, &set, no_progress, fresh),
+        } => {
+            let (rank, ranks) = (group.rank(), group.size());
+            cli::run::run(&pipeline, &set, no_progress, fresh, group).map_err(|e| {
+                if ranks > 1 {
+                    e.context(format!("rank {rank} of {ranks}"))
+                } else {
+                    e
+                }
+            })
+        }
         Command::Synth {
             kind: SynthKind::Ultramnist(args),
         } => cli::synth::run(args),

@@ -57,6 +57,17 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// The HTTP `User-Agent` of every store opened from now on in this process (S3, GCS, Azure,
+/// HTTP), unless a store's own `user_agent` option says otherwise.
+static USER_AGENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Name this process in its requests to object stores: a data-parallel rank says which it is
+/// (`patchgd/0.1.0 (rank 1 of 4)`), so a server's access log shows who read what. The first
+/// call wins; stores opened before it keep object_store's default.
+pub fn identify_as(agent: &str) {
+    let _ = USER_AGENT.set(agent.to_string());
+}
+
 /// Map an object_store error on `url` to a message that names it and says what went wrong.
 fn io_error(action: &'static str, url: String, source: object_store::Error) -> StorageError {
     match source {
@@ -294,6 +305,14 @@ impl Location {
         macro_rules! configured {
             ($builder:expr) => {{
                 let mut b = $builder.with_retry(retry);
+                if let Some(agent) = USER_AGENT.get() {
+                    b = b.with_config(
+                        "user_agent"
+                            .parse()
+                            .map_err(|e| key_error("user_agent", e))?,
+                        agent,
+                    );
+                }
                 for (k, v) in &options.options {
                     b = b.with_config(k.parse().map_err(|e| key_error(k, e))?, v);
                 }

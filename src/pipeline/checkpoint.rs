@@ -5,6 +5,11 @@
 //!
 //! Files of a checkpoint: `model.safetensors`, `optimizer.safetensors` (tensors),
 //! `latents.arrow` (the latent store's snapshot), `state.yaml` ([`TrainingState`]).
+//!
+//! A data-parallel run of N ranks shares one checkpoint: rank 0 writes the weights, the
+//! optimizer and `state.yaml`; every rank r writes its own latent shard `latents-rank-R.arrow`
+//! and position `state-rank-R.yaml`; rank 0 writes the manifest last, once every rank has
+//! reported its files complete.
 
 #![warn(missing_docs)]
 
@@ -77,6 +82,25 @@ pub struct TrainingState {
     pub last_predictions: Vec<Prediction>,
     /// The pipeline that wrote the checkpoint.
     pub pipeline: Definition,
+    /// Data-parallel ranks that wrote it (1: a single process).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+}
+
+fn one_rank() -> usize {
+    1
+}
+
+/// The latent shard and position file of `rank` in a checkpoint of `ranks` ranks.
+fn rank_files(rank: usize, ranks: usize) -> (String, String) {
+    if ranks == 1 {
+        (LATENTS.into(), STATE.into())
+    } else {
+        (
+            format!("latents-rank-{rank}.arrow"),
+            format!("state-rank-{rank}.yaml"),
+        )
+    }
 }
 
 /// Keys that can change between a checkpoint and its resume without changing the result.
@@ -172,6 +196,7 @@ impl TrainingState {
                 Vec::new()
             },
             pipeline: def.clone(),
+            ranks: trainer.group().size(),
         }
     }
 
@@ -187,29 +212,58 @@ impl TrainingState {
 }
 
 /// Write one checkpoint of `trainer` and `state` under `root` (weights, optimizer, latents,
-/// state, then the manifest), and keep the newest `keep`.
+/// state, then the manifest), and keep the newest `keep`. In a data-parallel run every rank
+/// calls this at the same step: the ranks' weights are compared first (a difference is an
+/// error), each writes its shard, and rank 0 the shared files and, last, the manifest.
 pub async fn save(
     root: &Location,
     trainer: &Trainer,
     state: &TrainingState,
     keep: usize,
 ) -> Result<(), RunError> {
+    let group = trainer.group().clone();
+    let step = state.optimizer_steps as u64;
+    trainer.check_ranks_agree(&format!("at checkpoint step {step}"))?;
     let write_err = |what: &str| {
         let what = format!("checkpoint {what}");
         move |e: Box<dyn std::error::Error + Send + Sync>| RunError::Write { what, source: e }
     };
-    let model = weights::safetensors_bytes(&trainer.model.named_tensors())
-        .map_err(|e| write_err(MODEL)(e.into()))?;
-    let optimizer = weights::safetensors_bytes(&trainer.optimizer.state())
-        .map_err(|e| write_err(OPTIMIZER)(e.into()))?;
     // YAML, not JSON: its floats round-trip exactly (shortest repr out, correctly rounded in),
     // and NaN (a loss over no images) is representable.
     let yaml = serde_norway::to_string(state).map_err(|e| write_err(STATE)(e.into()))?;
-    let mut w = checkpoint::Writer::begin(root, state.optimizer_steps as u64).await?;
-    w.put(MODEL, model.into()).await?;
-    w.put(OPTIMIZER, optimizer.into()).await?;
-    w.put_pieces(LATENTS, trainer.latents.snapshot()).await?;
-    w.put(STATE, yaml.into_bytes().into()).await?;
+    let (latents, position) = rank_files(group.rank(), group.size());
+    let mut w = if group.is_root() {
+        let mut w = checkpoint::Writer::begin(root, step).await?;
+        let model = weights::safetensors_bytes(&trainer.model.named_tensors())
+            .map_err(|e| write_err(MODEL)(e.into()))?;
+        let optimizer = weights::safetensors_bytes(&trainer.optimizer.state())
+            .map_err(|e| write_err(OPTIMIZER)(e.into()))?;
+        w.put(MODEL, model.into()).await?;
+        w.put(OPTIMIZER, optimizer.into()).await?;
+        if group.size() > 1 {
+            w.put(STATE, yaml.clone().into_bytes().into()).await?;
+        }
+        w
+    } else {
+        checkpoint::Writer::join(root, step)
+    };
+    // Rewriting a step: rank 0 has taken the old manifest away before any rank's file changes.
+    group.barrier();
+    w.put_pieces(&latents, trainer.latents.snapshot()).await?;
+    w.put(&position, yaml.into_bytes().into()).await?;
+    if group.size() > 1 {
+        // Every rank's files are complete before rank 0 lists them in the manifest.
+        let mine = serde_json::to_vec(w.entries()).expect("file entries to JSON");
+        let all = group.all_gather_bytes(&mine);
+        if !group.is_root() {
+            return Ok(());
+        }
+        for theirs in &all[1..] {
+            let entries: Vec<checkpoint::FileEntry> =
+                serde_json::from_slice(theirs).expect("a rank's file entries");
+            w.add_entries(entries);
+        }
+    }
     w.finish().await?;
     checkpoint::prune(root, keep).await?;
     Ok(())
@@ -229,8 +283,26 @@ pub fn restore(
         move |e: Box<dyn std::error::Error + Send + Sync>| RunError::ResumeFile { name, source: e }
     };
     let bytes = loaded.bytes(STATE).ok_or_else(|| missing(STATE))?;
-    let state: TrainingState =
+    let shared: TrainingState =
         serde_norway::from_slice(&bytes).map_err(|e| file_err(STATE)(e.into()))?;
+    let group = trainer.group().clone();
+    if shared.ranks != group.size() {
+        return Err(RunError::Resume(format!(
+            "checkpoint step {step} was written by {} rank{}, and this run has {}: resume it with \
+             the same number of ranks (mpirun -np {}), or start over with --fresh",
+            shared.ranks,
+            if shared.ranks == 1 { "" } else { "s" },
+            group.size(),
+            shared.ranks
+        )));
+    }
+    let (latents_file, position) = rank_files(group.rank(), group.size());
+    let state: TrainingState = if group.size() == 1 {
+        shared
+    } else {
+        let bytes = loaded.bytes(&position).ok_or_else(|| missing(&position))?;
+        serde_norway::from_slice(&bytes).map_err(|e| file_err(&position)(e.into()))?
+    };
     if let Some(key) = inexact_change(&state.pipeline, def) {
         return Err(RunError::Resume(format!(
             "key '{key}' changed since the checkpoint was written, so the resumed run would differ from an uninterrupted one; restore it, use another output, or start over with --fresh"
@@ -249,12 +321,14 @@ pub fn restore(
             state.rng,
         )
         .map_err(|e| file_err("model and optimizer")(e.into()))?;
-    let latents = loaded.path(LATENTS).ok_or_else(|| missing(LATENTS))?;
-    let file = std::fs::File::open(&latents).map_err(|e| file_err(LATENTS)(e.into()))?;
+    let latents = loaded
+        .path(&latents_file)
+        .ok_or_else(|| missing(&latents_file))?;
+    let file = std::fs::File::open(&latents).map_err(|e| file_err(&latents_file)(e.into()))?;
     trainer
         .latents
         .read_snapshot(std::io::BufReader::new(file))
-        .map_err(|e| file_err(LATENTS)(e.into()))?;
+        .map_err(|e| file_err(&latents_file)(e.into()))?;
     Ok(state)
 }
 

@@ -4,6 +4,7 @@
 //! weights come from ([`start_weights`]); a trained model applied to new images ([`predict`]).
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod definition;
 pub mod heatmaps;
 pub mod observer;

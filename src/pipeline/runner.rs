@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 use std::collections::BTreeSet;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,12 +20,14 @@ use tch::Device;
 use tokio::runtime::Runtime;
 
 use super::checkpoint::{EpochPosition, Ledger, TrainingState, restore, save};
+use super::data_parallel::{merge_pass, quiet_unless_root, rank_share};
 use super::definition::{Definition, OnError};
 use super::observer::{LogObserver, RunObserver};
 use super::prepare::{Prepared, prepare};
 use super::setup::{build_trainer, choose_device, device_name};
 use super::start_weights;
 pub use super::summary::RunSummary;
+use crate::dist::Group;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
 use crate::sink::{EpochMetrics, plot, weights};
@@ -104,8 +107,12 @@ pub enum RunError {
 pub struct RunOptions {
     /// Delete existing checkpoints and start over instead of resuming.
     pub fresh: bool,
-    /// Who hears about progress; `None` logs through `tracing` ([`LogObserver`]).
+    /// Who hears about progress; `None` logs through `tracing` ([`LogObserver`]). In a
+    /// data-parallel run only rank 0's observer hears anything.
     pub observer: Option<Arc<dyn RunObserver>>,
+    /// The data-parallel group this process is one rank of ([`Group::from_environment`] under
+    /// `mpirun` or `srun`); `None` trains in this process alone.
+    pub group: Option<Rc<Group>>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -113,6 +120,7 @@ impl std::fmt::Debug for RunOptions {
         f.debug_struct("RunOptions")
             .field("fresh", &self.fresh)
             .field("observer", &self.observer.as_ref().map(|_| "custom"))
+            .field("group", &self.group)
             .finish()
     }
 }
@@ -126,14 +134,33 @@ pub fn run(def: &Definition) -> Result<RunSummary, RunError> {
 /// [`run`] with options: start over (`fresh`), or report to an observer of your own.
 pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, RunError> {
     let started = Instant::now();
+    let group = options.group.clone().unwrap_or_else(Group::single);
+    if !def.train.batch_size.is_multiple_of(group.size()) {
+        return Err(RunError::Data(format!(
+            "train.batch_size is the global batch, shared by the ranks: {} does not divide by the \
+             {} ranks of this run (use a multiple of {})",
+            def.train.batch_size,
+            group.size(),
+            group.size()
+        )));
+    }
     let rt = runtime()?;
     let _guard = rt.enter();
     let observer: &dyn RunObserver = match &options.observer {
         Some(o) => o.as_ref(),
         None => &LogObserver,
     };
+    let observer = quiet_unless_root(observer, &group);
+    if group.size() > 1 {
+        crate::storage::identify_as(&format!(
+            "patchgd/{} (rank {} of {})",
+            env!("CARGO_PKG_VERSION"),
+            group.rank(),
+            group.size()
+        ));
+    }
     let data = prepare(def, &rt)?;
-    let mut session = start_or_resume(def, &data, options.fresh, &rt, observer)?;
+    let mut session = start_or_resume(def, &data, options.fresh, &rt, observer, group)?;
     for epoch in session.first_epoch()..=def.train.epochs {
         run_epoch(def, &data, &mut session, epoch, &rt, observer)?;
     }
@@ -180,10 +207,27 @@ pub fn start_or_resume(
     fresh: bool,
     rt: &Runtime,
     observer: &dyn RunObserver,
+    group: Rc<Group>,
 ) -> Result<Session, RunError> {
-    let device = choose_device(def.train.device)?;
-    let trainer = build_trainer(def, data.model_spec(def), device, data.train_set.len())?;
+    let device = match choose_device(def.train.device)? {
+        // One GPU per rank on each machine: the rank's local rank picks it.
+        Device::Cuda(_) => {
+            Device::Cuda(group.local_rank() % tch::Cuda::device_count().max(1) as usize)
+        }
+        other => other,
+    };
+    let mut trainer = build_trainer(def, data.model_spec(def), device, data.train_set.len())?;
+    trainer.config.batch_size = def.train.batch_size / group.size();
+    trainer.join(group.clone());
     observer.note(&data.describe(def, &device_name(device)));
+    if group.size() > 1 {
+        observer.note(&format!(
+            "data-parallel over {} ranks: {} images per rank and step (train.batch_size {})",
+            group.size(),
+            trainer.config.batch_size,
+            def.train.batch_size
+        ));
+    }
     let mut session = Session {
         last_checkpoint_steps: trainer.optimizer.steps,
         trainer,
@@ -242,6 +286,7 @@ pub fn start_or_resume(
         }
     }
     stop_on_error(def, &session.ledger.errors)?;
+    session.trainer.check_ranks_agree("before the first step")?;
     Ok(session)
 }
 
@@ -270,10 +315,20 @@ pub fn run_epoch(
     Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
     let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
     let (skip, start) = resume_point(session, epoch, &order_ids)?;
-    let train_n = data.train_set.len();
+    let group = session.trainer.group().clone();
+    // This rank's share: every size-th image of the epoch's order, as a distributed sampler
+    // takes it, so each global batch of one process is split over the ranks.
+    let mine: Vec<ImageEntry> = order
+        .iter()
+        .skip(group.rank())
+        .step_by(group.size())
+        .cloned()
+        .collect();
+    let val_mine = data.val_set[rank_share(data.val_set.len(), &group)].to_vec();
+    let train_n = mine.len();
     observer.epoch_started(
         &format!("epoch {epoch}/{}", def.train.epochs),
-        train_n + data.val_set.len(),
+        train_n + val_mine.len(),
     );
     session.trainer.epoch = epoch;
     let position = EpochPosition {
@@ -281,12 +336,8 @@ pub fn run_epoch(
         order: &order_ids,
         pass: &start,
     };
-    let train = train_pass(def, data, session, &order[skip..], position, rt, observer)?;
-    let rx = stream_images(
-        data.images.clone(),
-        data.val_set.clone(),
-        data.stream.clone(),
-    );
+    let train = train_pass(def, data, session, &mine[skip..], position, rt, observer)?;
+    let rx = stream_images(data.images.clone(), val_mine, data.stream.clone());
     let eval = session.trainer.run_pass(
         Phase::Evaluate,
         rx,
@@ -294,6 +345,8 @@ pub fn run_epoch(
         |n| observer.images_done(train_n + n),
         |_, _| Ok::<(), RunError>(()),
     )?;
+    // Every rank gets the whole epoch's outcome: the metrics and the ledger stay identical.
+    let (train, eval) = (merge_pass(&group, &train), merge_pass(&group, &eval));
     account(def, data, &mut session.ledger, epoch, &train, &eval)?;
     let row = epoch_metrics(epoch, &session.trainer, &train, &eval, data.classes);
     observer.note(&format!(
@@ -312,6 +365,9 @@ pub fn run_epoch(
     let ledger = &mut session.ledger;
     ledger.metrics.push(row);
     ledger.last_predictions = eval.predictions;
+    if !group.is_root() {
+        return Ok(());
+    }
     // Written every epoch, so an interrupted run still has its curves so far.
     let batch = metrics_batch(&ledger.metrics);
     rt.block_on(data.output.put("metrics.parquet", to_parquet(&batch)))?;
@@ -474,6 +530,14 @@ pub fn write_outputs(
     let png = png.map_err(|e| write_err("learning_curves.png")(e.into()))?;
     let weights = weights::safetensors_bytes(&trainer.model.named_tensors())
         .map_err(|e| write_err("weights")(e.into()))?;
+    let group = trainer.group().clone();
+    // Each rank's own counts (its latent shard, its images), added up.
+    let mut totals = [
+        trainer.reused_cells as f64,
+        trainer.spooled_images as f64,
+        trainer.latents.len() as f64,
+    ];
+    group.all_reduce_sum_f64(&mut totals);
     let failed: BTreeSet<&str> = ledger
         .errors
         .iter()
@@ -497,9 +561,11 @@ pub fn write_outputs(
         final_val_loss: last.val_loss,
         wall_seconds: started.elapsed().as_secs_f64(),
         output: data.output.url.clone(),
-        latent_cells_reused: trainer.reused_cells,
-        images_spooled: trainer.spooled_images,
-        latent_images: trainer.latents.len(),
+        latent_cells_reused: totals[0] as u64,
+        images_spooled: totals[1] as u64,
+        latent_images: totals[2] as usize,
+        ranks: group.size(),
+        gradient_averaging_seconds: trainer.optimizer.averager().map_or(0.0, |a| a.seconds),
     };
     let final_state = TrainingState::capture(trainer, ledger, None, def);
     rt.block_on(save(
@@ -508,6 +574,9 @@ pub fn write_outputs(
         &final_state,
         def.checkpoint.keep,
     ))?;
+    if !group.is_root() {
+        return Ok(summary);
+    }
     let pipeline =
         serde_norway::to_string(def).map_err(|e| write_err("pipeline.yaml")(e.into()))?;
     let summary_json =

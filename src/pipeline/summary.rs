@@ -52,4 +52,9 @@ pub struct RunSummary {
     pub images_spooled: u64,
     /// Images whose Z the latent store holds at the end.
     pub latent_images: usize,
+    /// Data-parallel ranks that trained the model together (1: a single process).
+    pub ranks: usize,
+    /// Seconds rank 0 spent averaging gradients across the ranks (packing, the collectives,
+    /// waiting for slower ranks) in this process; 0 for a single process.
+    pub gradient_averaging_seconds: f64,
 }

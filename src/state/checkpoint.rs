@@ -77,6 +77,27 @@ impl<'a> Writer<'a> {
         })
     }
 
+    /// Another process's part of the checkpoint at `step` (a data-parallel rank other than 0):
+    /// it writes files into the directory but leaves the manifest to the one that began it.
+    pub fn join(root: &'a Location, step: u64) -> Self {
+        Self {
+            root,
+            step,
+            dir: dir_name(step),
+            entries: Vec::new(),
+        }
+    }
+
+    /// The files written so far.
+    pub fn entries(&self) -> &[FileEntry] {
+        &self.entries
+    }
+
+    /// Files that other processes wrote into this checkpoint, for the manifest.
+    pub fn add_entries(&mut self, entries: Vec<FileEntry>) {
+        self.entries.extend(entries);
+    }
+
     /// One file from bytes in memory.
     pub async fn put(&mut self, name: &str, bytes: Bytes) -> Result<()> {
         self.entries.push(FileEntry {

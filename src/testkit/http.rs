@@ -30,7 +30,9 @@ impl HttpServer {
         let s = state.path().display();
         let config = format!(
             "daemon off;\nmaster_process off;\nerror_log {s}/error.log;\npid {s}/nginx.pid;\n\
-             load_module {DAV_EXT};\nevents {{}}\nhttp {{\n  access_log off;\n\
+             load_module {DAV_EXT};\nevents {{}}\nhttp {{\n\
+             \x20 log_format requests '$request_method $uri $http_user_agent';\n\
+             \x20 access_log {s}/access.log requests;\n\
              \x20 client_body_temp_path {s}/tmp;\n  proxy_temp_path {s}/tmp;\n\
              \x20 fastcgi_temp_path {s}/tmp;\n  uwsgi_temp_path {s}/tmp;\n  scgi_temp_path {s}/tmp;\n\
              \x20 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n\
@@ -54,6 +56,23 @@ impl HttpServer {
             _state: state,
             port,
         }
+    }
+
+    /// Every request served so far, as (method, path, user agent), in order: how a test counts
+    /// who read what.
+    pub fn requests(&self) -> Vec<(String, String, String)> {
+        let log =
+            std::fs::read_to_string(self._state.path().join("access.log")).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(3, ' ');
+                Some((
+                    parts.next()?.to_string(),
+                    parts.next()?.to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                ))
+            })
+            .collect()
     }
 
     /// The URL of the served directory's root.

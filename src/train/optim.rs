@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::precision::LossScaler;
+use crate::dist::{GradientAverager, Group};
 use crate::model::{LoadError, Param};
 
 /// A value that must be finite was not: what it was (`loss`, `gradient of 'NAME'`, a variable).
@@ -50,6 +51,11 @@ pub struct Adam {
     /// Mixed precision: gradients arrive multiplied by the scale (see [`Adam::loss_scale`]).
     pub scaler: Option<LossScaler>,
     observer: Option<StepObserver>,
+    /// Data-parallel runs: averages each step's gradients over the ranks first.
+    averager: Option<GradientAverager>,
+    /// The images this rank's gradients of the coming steps are the mean over: their weight in
+    /// the average across ranks (unused in a single process).
+    pub step_images: f64,
 }
 
 impl Adam {
@@ -68,7 +74,29 @@ impl Adam {
             weight_decay,
             scaler: None,
             observer: None,
+            averager: None,
+            step_images: 0.0,
         }
+    }
+
+    /// Average every step's gradients over a data-parallel group before using them (a group
+    /// of one changes nothing).
+    pub fn average_over(&mut self, group: std::rc::Rc<Group>) {
+        if group.size() == 1 {
+            self.averager = None;
+            return;
+        }
+        let masters: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.master.shallow_clone())
+            .collect();
+        self.averager = Some(GradientAverager::new(group, &masters));
+    }
+
+    /// The data-parallel averager, if any (its time spent in collectives).
+    pub fn averager(&self) -> Option<&GradientAverager> {
+        self.averager.as_ref()
     }
 
     /// Call `f` before every update with the parameters and their gradients.
@@ -97,20 +125,31 @@ impl Adam {
     /// skipped (returns `Ok(false)`; the step count does not move). Without it, a gradient that
     /// is not finite is an error, and no weight changes.
     pub fn step(&mut self, lr: f64) -> Result<bool, NonFinite> {
-        let (names, grads): (Vec<&str>, Vec<Tensor>) = self
+        let mut grads: Vec<Tensor> = self.params.iter().map(Self::grad).collect();
+        if let Some(averager) = &mut self.averager {
+            let masters: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|p| p.master.shallow_clone())
+                .collect();
+            grads = averager.average(&grads, &masters, self.step_images);
+        }
+        // Shallow copies: unscaling below changes `grads` in place.
+        let (names, grads_defined): (Vec<&str>, Vec<Tensor>) = self
             .params
             .iter()
-            .map(|p| (p.name.as_str(), Self::grad(p)))
+            .zip(&grads)
             .filter(|(_, g)| g.defined())
+            .map(|(p, g)| (p.name.as_str(), g.shallow_clone()))
             .unzip();
         if let Some(mut scaler) = self.scaler.take() {
-            let finite = scaler.unscale(&grads);
+            let finite = scaler.unscale(&grads_defined);
             scaler.update(finite);
             self.scaler = Some(scaler);
             if !finite {
                 return Ok(false);
             }
-        } else if let Err(i) = all_finite(&grads) {
+        } else if let Err(i) = all_finite(&grads_defined) {
             return Err(NonFinite(format!("the gradient of '{}'", names[i])));
         }
         if let Some(observe) = &mut self.observer {
@@ -121,8 +160,7 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powf(t);
         let bc2 = 1.0 - self.beta2.powf(t);
         tch::no_grad(|| {
-            for (i, param) in self.params.iter_mut().enumerate() {
-                let g = Self::grad(param);
+            for (i, (param, g)) in self.params.iter_mut().zip(&grads).enumerate() {
                 if !g.defined() {
                     continue;
                 }

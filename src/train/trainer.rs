@@ -4,6 +4,7 @@
 //! Everything here runs on one OS thread (tch tensors are not `Sync` and grad mode is
 //! thread-local); the async source feeds it through a channel read with `blocking_recv`.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -14,6 +15,7 @@ use super::gd::{gd_predict, gd_step};
 use super::optim::{Adam, NonFinite};
 use super::patchgd::{GridBatch, Reuse, StepError, correct, grid_view, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
+use crate::dist::Group;
 use crate::model::grad_cam::{ImageEvidence, grad_cam};
 use crate::model::{Method, Model};
 use crate::patch::{ImageAssembler, ImagePatches, SpoolPolicy};
@@ -72,6 +74,9 @@ pub enum TrainError {
     NonFinite(#[from] NonFiniteError),
     #[error(transparent)]
     PatchRead(#[from] PatchReadError),
+    /// The ranks of a data-parallel run disagree (their weights, or their batches' grids).
+    #[error("data-parallel ranks disagree: {0}")]
+    Ranks(String),
 }
 
 /// What one training mini-batch did.
@@ -106,6 +111,8 @@ pub struct Trainer {
     /// someone wants it (`patchgd predict --heatmaps`). Bounded: a slow consumer holds the
     /// pass back rather than letting the evidence pile up in memory.
     pub evidence: Option<std::sync::mpsc::SyncSender<ImageEvidence>>,
+    /// The data-parallel group this trainer is one rank of (a group of one by default).
+    group: Rc<Group>,
 }
 
 /// One prediction of an evaluation pass.
@@ -173,7 +180,169 @@ impl Trainer {
             spooled_images: 0,
             epoch: 1,
             evidence: None,
+            group: Group::single(),
         }
+    }
+
+    /// Train as one rank of `group` (docs/distributed.md): every step's gradients are averaged
+    /// over the ranks and BatchNorm's running statistics follow rank 0's after every step.
+    /// `config.batch_size` is then this rank's share of the global batch. Once the starting
+    /// weights are in place, [`Trainer::check_ranks_agree`] says whether every rank has them.
+    pub fn join(&mut self, group: Rc<Group>) {
+        self.optimizer.average_over(group.clone());
+        self.group = group;
+    }
+
+    /// The group this trainer is one rank of.
+    pub fn group(&self) -> &Rc<Group> {
+        &self.group
+    }
+
+    /// CRC-32 of every weight and BatchNorm statistic (fp32 masters), in name order.
+    pub fn weights_checksum(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        for (name, t) in self.model.named_tensors() {
+            h.update(name.as_bytes());
+            let t = t.to_device(Device::Cpu).contiguous();
+            let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut bytes, t.numel());
+            h.update(&bytes);
+        }
+        h.finalize()
+    }
+
+    /// Turn silent divergence into an error: every rank's weights must be bitwise those of
+    /// rank 0. `when` says where in the run (named in the error).
+    pub fn check_ranks_agree(&self, when: &str) -> Result<(), TrainError> {
+        if self.group.size() == 1 {
+            return Ok(());
+        }
+        let sums = self.group.all_gather_u64(&[
+            u64::from(self.weights_checksum()),
+            self.optimizer.steps as u64,
+        ]);
+        if sums.iter().all(|s| *s == sums[0]) {
+            return Ok(());
+        }
+        let each: Vec<String> = sums
+            .iter()
+            .enumerate()
+            .map(|(r, s)| format!("rank {r}: checksum {:08x} after {} steps", s[0], s[1]))
+            .collect();
+        Err(TrainError::Ranks(format!(
+            "the weights differ between ranks {when} ({}); the run stops rather than train \
+             diverged copies of the model",
+            each.join(", ")
+        )))
+    }
+
+    /// Every rank takes rank 0's BatchNorm running statistics (PyTorch DDP's default,
+    /// `broadcast_buffers=True`, does the same at every forward pass).
+    fn share_batch_norm_statistics(&self) {
+        if self.group.size() == 1 {
+            return;
+        }
+        let buffers: Vec<Tensor> = self
+            .model
+            .named_tensors()
+            .into_iter()
+            .filter(|(n, t)| {
+                (n.ends_with(".running_mean") || n.ends_with(".running_var"))
+                    && t.kind() == Kind::Float
+            })
+            .map(|(_, t)| t)
+            .collect();
+        if buffers.is_empty() {
+            return;
+        }
+        let flat = Tensor::cat(
+            &buffers
+                .iter()
+                .map(|t| t.to_device(Device::Cpu).reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut values: Vec<f32> = Vec::try_from(&flat).expect("BatchNorm statistics to Vec");
+        self.group.broadcast_f32(&mut values);
+        let mut at = 0;
+        tch::no_grad(|| {
+            for t in &buffers {
+                let n = t.numel();
+                let v = Tensor::from_slice(&values[at..at + n]).reshape(t.size());
+                let mut t = t.shallow_clone();
+                t.copy_(&v.to_device(t.device()));
+                at += n;
+            }
+        });
+    }
+
+    /// Data-parallel runs: before each outer step the ranks say whether they have images for it
+    /// and on which grid. Every rank with images must have the same grid (the step's plan, the
+    /// permutation of cells, is one for all ranks). Returns the step's (rows, cols), or `None`
+    /// when no rank has images left: the pass is over.
+    fn agree_on_step(&self, batch: Option<&GridBatch>) -> Result<Option<(i64, i64)>, TrainError> {
+        let mine = match batch {
+            Some(b) => [1, b.rows as u64, b.cols as u64, b.batch_size() as u64],
+            None => [0; 4],
+        };
+        let all = self.group.all_gather_u64(&mine);
+        let active: Vec<(usize, &Vec<u64>)> =
+            all.iter().enumerate().filter(|(_, h)| h[0] == 1).collect();
+        let Some((_, first)) = active.first() else {
+            return Ok(None);
+        };
+        if let Some((r, other)) = active.iter().find(|(_, h)| h[1..3] != first[1..3]) {
+            return Err(TrainError::Ranks(format!(
+                "in training step {}, rank {} has a batch on a {} x {} grid and rank {r} on a {} x \
+                 {} grid; under several ranks every image of a run must give the same grid \
+                 (resize them to one size, or train with one rank)",
+                self.outer_steps + 1,
+                active[0].0,
+                first[1],
+                first[2],
+                other[1],
+                other[2]
+            )));
+        }
+        Ok(Some((first[1] as i64, first[2] as i64)))
+    }
+
+    /// A step in which this rank has no images (its share of the epoch has run out, the others'
+    /// not): it takes part in the step's collectives with a weight of zero and takes the same
+    /// optimizer steps, so that its weights stay those of the other ranks. Returns false when no
+    /// rank had images: the pass is over for all.
+    pub fn idle_step(&mut self) -> Result<bool, TrainError> {
+        let Some((rows, cols)) = self.agree_on_step(None)? else {
+            return Ok(false);
+        };
+        let lr = self.config.schedule.lr(self.outer_steps);
+        let steps = match self.model.spec.method {
+            Method::Patchgd => plan_outer_step(
+                (rows * cols) as usize,
+                self.config.sampling_fraction,
+                self.config.accumulation,
+                &mut self.rng,
+            )
+            .step_after
+            .iter()
+            .filter(|s| **s)
+            .count(),
+            Method::Gd => 1,
+        };
+        self.optimizer.step_images = 0.0;
+        let none: [ImagePatches; 0] = [];
+        for _ in 0..steps {
+            self.optimizer.zero_grad();
+            self.optimizer
+                .step(lr)
+                .map_err(|e| self.non_finite(e, Phase::Train, &none))?;
+        }
+        self.optimizer.zero_grad();
+        self.share_batch_norm_statistics();
+        self.check_weights()
+            .map_err(|e| self.non_finite(e, Phase::Train, &none))?;
+        self.outer_steps += 1;
+        Ok(true)
     }
 
     /// The error for a value that was not finite on `images`.
@@ -299,6 +468,9 @@ impl Trainer {
     /// is not finite afterwards is an error (the f16 loss scaler's skipped steps excepted).
     pub fn train_batch(&mut self, images: &[ImagePatches]) -> Result<TrainedBatch, TrainError> {
         let batch = self.to_batch(images);
+        if self.group.size() > 1 {
+            self.agree_on_step(Some(&batch))?;
+        }
         self.train_on(images, &batch)
     }
 
@@ -317,6 +489,7 @@ impl Trainer {
             self.outer_steps,
         ));
         let lr = self.config.schedule.lr(self.outer_steps);
+        self.optimizer.step_images = images.len() as f64;
         let outcome = match self.model.spec.method {
             Method::Patchgd => {
                 let plan = plan_outer_step(
@@ -351,6 +524,7 @@ impl Trainer {
             }
         };
         let (loss, logits, patch_passes, optimizer_steps) = outcome;
+        self.share_batch_norm_statistics();
         // BatchNorm statistics move in forward passes, weights in the update: both are checked
         // before the step counts (so no checkpoint ever holds a NaN).
         self.check_weights()
@@ -531,6 +705,14 @@ impl Trainer {
             progress(out.images + pending.len() + out.failures.len());
         }
         flush(self, &mut pending, &mut out)?;
+        // Data-parallel: this rank's share is done; it keeps taking the other ranks' steps
+        // (with no images of its own) until every rank's is.
+        if phase == Phase::Train && self.group.size() > 1 {
+            while self.idle_step()? {
+                out.seconds = base_seconds + started.elapsed().as_secs_f64();
+                at_step(self, &out)?;
+            }
+        }
         for id in assembler.incomplete() {
             out.failures.push(Failure {
                 image_id: id,

@@ -8,18 +8,23 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("storage", &[]),
     ("rng", &[]),
+    ("dist", &[]),
     ("patch", &[]),
     ("model", &["rng"]),
     ("state", &["storage"]),
     ("source", &["patch", "storage"]),
     ("synth", &["rng", "source", "storage"]),
-    ("train", &["model", "patch", "rng", "source", "state"]),
+    (
+        "train",
+        &["dist", "model", "patch", "rng", "source", "state"],
+    ),
     ("sink", &["model", "source", "train"]),
     ("sql", &["patch", "source", "state", "storage"]),
     (
         "pipeline",
         &[
-            "model", "patch", "rng", "sink", "source", "sql", "state", "storage", "synth", "train",
+            "dist", "model", "patch", "rng", "sink", "source", "sql", "state", "storage", "synth",
+            "train",
         ],
     ),
     // Command-line only (the `cli` feature).

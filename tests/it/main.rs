@@ -4,6 +4,8 @@ mod architecture;
 mod bench;
 mod checkpoints;
 mod common;
+#[cfg(feature = "mpi")]
+mod distributed;
 mod heatmaps;
 mod patchgd_step;
 mod pipeline_files;

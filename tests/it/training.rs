@@ -371,3 +371,47 @@ fn a_run_that_diverges_stops_with_an_error_naming_where_and_writes_no_nan() {
         }
     }
 }
+
+/// The checksum data-parallel ranks compare (docs/distributed.md) sees every weight and
+/// BatchNorm statistic: changing any one value changes it.
+#[test]
+fn the_weights_checksum_changes_with_any_single_value() {
+    let yaml = pipeline_yaml(
+        "memory://x/images",
+        "memory://x/l.csv",
+        "memory://x/o",
+        16,
+        1,
+        "",
+    );
+    let def = Definition::from_yaml(&yaml, "p.yaml").unwrap();
+    let trainer =
+        patchgd::pipeline::setup::build_trainer(&def, def.model_spec(2), tch::Device::Cpu, 8)
+            .unwrap();
+    let before = trainer.weights_checksum();
+    assert_eq!(
+        before,
+        trainer.weights_checksum(),
+        "not a function of the weights"
+    );
+    // A group of one agrees with itself.
+    trainer.check_ranks_agree("now").unwrap();
+    for (name, t) in trainer.model.named_tensors() {
+        if t.kind() != tch::Kind::Float {
+            continue;
+        }
+        let old = t.flatten(0, -1).double_value(&[0]);
+        let _ = tch::no_grad(|| t.flatten(0, -1).get(0).fill_(old + 1e-3));
+        assert_ne!(
+            trainer.weights_checksum(),
+            before,
+            "'{name}' is not in the checksum"
+        );
+        let _ = tch::no_grad(|| t.flatten(0, -1).get(0).fill_(old));
+        assert_eq!(
+            trainer.weights_checksum(),
+            before,
+            "'{name}' did not restore"
+        );
+    }
+}
