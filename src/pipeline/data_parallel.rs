@@ -32,11 +32,10 @@ pub fn merge_pass(group: &Group, mine: &PassOutcome) -> PassOutcome {
         .iter()
         .map(|bytes| serde_norway::from_slice(bytes).expect("a rank's pass outcome"))
         .collect();
-    let mut out = PassOutcome {
-        optimizer_steps: mine.optimizer_steps,
-        ..PassOutcome::default()
-    };
+    let mut out = PassOutcome::default();
     for p in parts {
+        // Steps taken with images of one's own (a rank's weight-0 steps are not counted).
+        out.optimizer_steps = out.optimizer_steps.max(p.optimizer_steps);
         out.images += p.images;
         out.loss_sum += p.loss_sum;
         out.correct += p.correct;
