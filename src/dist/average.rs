@@ -47,6 +47,8 @@ pub struct GradientAverager {
     group: Rc<Group>,
     plan: BucketPlan,
     numels: Vec<i64>,
+    /// Each parameter's shape and device, for the averaged gradients.
+    shapes: Vec<(Vec<i64>, Device)>,
     /// Seconds spent averaging (packing, the collectives, unpacking): the benchmark's share of
     /// step time spent in communication.
     pub seconds: f64,
@@ -73,6 +75,7 @@ impl GradientAverager {
             group,
             plan: BucketPlan::new(&numels, bucket_elements),
             numels,
+            shapes: masters.iter().map(|m| (m.size(), m.device())).collect(),
             seconds: 0.0,
             collectives: 0,
         }
@@ -84,8 +87,8 @@ impl GradientAverager {
 
     /// `grads[i]`: this rank's gradient of parameter `i`, the mean over its `images` images
     /// (undefined when it has none). Returns every parameter's average over the group's images,
-    /// fp32, shaped like `masters[i]` and on its device; undefined where no rank had a gradient.
-    pub fn average(&mut self, grads: &[Tensor], masters: &[Tensor], images: f64) -> Vec<Tensor> {
+    /// fp32, shaped like its master and on its device; undefined where no rank had a gradient.
+    pub fn average(&mut self, grads: &[Tensor], images: f64) -> Vec<Tensor> {
         let started = Instant::now();
         // Header: the step's image count and, per parameter, how many ranks have a gradient (a
         // rank without images has none, whatever zeros its gradients hold from earlier steps).
@@ -124,9 +127,8 @@ impl GradientAverager {
             let sizes: Vec<i64> = range.clone().map(|i| self.numels[i]).collect();
             for (i, part) in range.clone().zip(summed.split_with_sizes(&sizes, 0)) {
                 if header[1 + i] > 0.0 {
-                    out[i] = part
-                        .reshape(masters[i].size())
-                        .to_device(masters[i].device());
+                    let (shape, device) = &self.shapes[i];
+                    out[i] = part.reshape(shape.as_slice()).to_device(*device);
                 }
             }
         }
@@ -155,7 +157,7 @@ mod tests {
         ];
         let g = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
         let mut avg = GradientAverager::with_bucket_elements(Group::single(), &masters, 4);
-        let out = avg.average(&[g.shallow_clone(), Tensor::new()], &masters, 3.0);
+        let out = avg.average(&[g.shallow_clone(), Tensor::new()], 3.0);
         assert!(out[0].equal(&g));
         assert!(!out[1].defined());
         assert_eq!(avg.collectives, 3, "a header and one per bucket");

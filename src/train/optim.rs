@@ -127,12 +127,7 @@ impl Adam {
     pub fn step(&mut self, lr: f64) -> Result<bool, NonFinite> {
         let mut grads: Vec<Tensor> = self.params.iter().map(Self::grad).collect();
         if let Some(averager) = &mut self.averager {
-            let masters: Vec<Tensor> = self
-                .params
-                .iter()
-                .map(|p| p.master.shallow_clone())
-                .collect();
-            grads = averager.average(&grads, &masters, self.step_images);
+            grads = averager.average(&grads, self.step_images);
         }
         // Shallow copies: unscaling below changes `grads` in place.
         let (names, grads_defined): (Vec<&str>, Vec<Tensor>) = self

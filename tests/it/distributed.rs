@@ -77,13 +77,26 @@ fn mpi_environment(cmd: &mut Command) {
         .env("OMPI_MCA_oob_tcp_if_include", "lo");
 }
 
-fn ok(o: &Output, what: &str) -> String {
-    let text = format!(
+/// stdout then stderr.
+fn text_of(o: &Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
-    );
+    )
+}
+
+/// The output of a command that must succeed.
+fn ok(o: &Output, what: &str) -> String {
+    let text = text_of(o);
     assert!(o.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+/// The output of a command that must fail.
+fn refused(o: &Output, what: &str) -> String {
+    let text = text_of(o);
+    assert!(!o.status.success(), "{what} was accepted:\n{text}");
     text
 }
 
@@ -229,16 +242,7 @@ fn a_checkpoint_is_not_resumed_by_another_rank_count() {
     let file = setup(dir.path(), "checkpoint:\n  every_steps: 2\n");
     let out = dir.path().join("out");
     ok(&run(&file, 1, &out, &[]), "the single process");
-    let again = run(&file, 2, &out, &[]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&again.stdout),
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert!(
-        !again.status.success(),
-        "a 2-rank resume of a 1-rank run was accepted:\n{text}"
-    );
+    let text = refused(&run(&file, 2, &out, &[]), "a 2-rank resume of a 1-rank run");
     assert!(
         text.contains("was written by 1 rank, and this run has 2"),
         "{text}"
@@ -250,8 +254,7 @@ fn a_batch_size_the_ranks_cannot_share_is_refused_naming_both() {
     let dir = tempfile::tempdir().unwrap();
     let file = setup(dir.path(), "");
     let o = run(&file, 2, &dir.path().join("o"), &["train.batch_size=5"]);
-    let text = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success());
+    let text = refused(&o, "batch 5 on 2 ranks");
     assert!(text.contains("5 does not divide by the 2 ranks"), "{text}");
 }
 
@@ -365,15 +368,7 @@ fn a_killed_rank_stops_the_run_and_the_rerun_resumes_to_the_same_weights() {
     let output = child.wait_with_output().unwrap();
     let stopped_in = killed_at.elapsed();
     eprintln!("rank 1 killed; mpirun exited {stopped_in:?} later");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        !output.status.success(),
-        "the run survived a killed rank:\n{text}"
-    );
+    let text = refused(&output, "a run with a killed rank");
     assert!(
         text.contains("rank 1"),
         "the lost rank is not named:\n{text}"
