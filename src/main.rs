@@ -66,9 +66,10 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Under mpirun or srun, `run` is one rank of a data-parallel run (docs/distributed.md).
+    // Under mpirun or srun, `run` is one rank of a data-parallel run (docs/distributed.md), and
+    // `bench --only allreduce` measures across the ranks.
     let group = match &cli.command {
-        Command::Run { .. } => patchgd::dist::Group::from_environment()?,
+        Command::Run { .. } | Command::Bench(_) => patchgd::dist::Group::from_environment()?,
         _ => patchgd::dist::Group::single(),
     };
     // The library reports through `tracing`: warnings and notes go to stderr; from rank 0 only,
@@ -105,6 +106,6 @@ fn main() -> Result<()> {
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Predict(args) => cli::predict::run(args),
         Command::Sql(args) => cli::sql::run(args),
-        Command::Bench(args) => cli::bench::run(args),
+        Command::Bench(args) => cli::bench::run(args, group),
     }
 }

@@ -8,7 +8,9 @@
 //! - [`precision`]: one run in each precision the device takes: speed, accuracy, and agreement
 //!   of its predictions with f32's.
 //! - [`predict`]: `patchgd predict`'s throughput against training's fill pass.
+//! - [`allreduce`]: one step's gradient average across ranks (NCCL on a GPU, MPI on the CPU).
 
+pub mod allreduce;
 pub mod budget;
 pub mod child;
 pub mod efficiency;
@@ -36,6 +38,9 @@ pub struct BenchOptions {
     pub budget_seconds: f64,
     /// This program, for child runs (`patchgd run`).
     pub exe: PathBuf,
+    /// The ranks this process was launched with (`mpirun -np N patchgd bench --only
+    /// allreduce`): the all-reduce part measures over them, and rank 0 alone prints.
+    pub group: std::rc::Rc<crate::dist::Group>,
 }
 
 impl BenchOptions {
@@ -191,6 +196,7 @@ pub enum Part {
     Budget,
     Precision,
     Predict,
+    Allreduce,
 }
 
 /// Run the chosen parts and return the report (Markdown tables). Each table is also printed as
@@ -201,19 +207,30 @@ pub fn run(
     backbones: &[crate::model::BackboneKind],
     sizes: &[u32],
 ) -> Result<String, String> {
+    if opts.group.size() > 1 && parts.iter().any(|&p| p != Part::Allreduce) {
+        return Err(format!(
+            "launched as {} ranks: only `--only allreduce` measures across ranks; the other \
+             parts run in one process",
+            opts.group.size()
+        ));
+    }
+    let root = opts.group.is_root();
     let mut report = format!(
         "# patchgd bench ({}; device {}, precision {})\n",
         if opts.quick { "quick" } else { "full" },
         opts.device_name(),
         opts.precision_name()
     );
-    println!("{report}");
+    if root {
+        println!("{report}");
+    }
     for part in [
         Part::Efficiency,
         Part::Memory,
         Part::Budget,
         Part::Precision,
         Part::Predict,
+        Part::Allreduce,
     ] {
         if !parts.contains(&part) {
             continue;
@@ -224,12 +241,84 @@ pub fn run(
             Part::Budget => budget_section(opts)?,
             Part::Precision => precision_section(opts)?,
             Part::Predict => predict_section(opts, backbones)?,
+            Part::Allreduce => allreduce_section(opts)?,
         };
-        println!("{text}");
+        if root {
+            println!("{text}");
+        }
         report.push_str(&text);
         report.push('\n');
     }
     Ok(report)
+}
+
+fn allreduce_section(opts: &BenchOptions) -> Result<String, String> {
+    use crate::model::BackboneKind;
+    let device = match opts.device {
+        DeviceChoice::Cpu => tch::Device::Cpu,
+        DeviceChoice::Auto => tch::Device::cuda_if_available(),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => {
+            tch::Device::Cuda(opts.group.local_rank() % tch::Cuda::device_count().max(1) as usize)
+        }
+        DeviceChoice::Cuda => return Err("--device cuda, but no CUDA device is available".into()),
+    };
+    let (backbones, rounds) = if opts.quick {
+        (vec![BackboneKind::SmallCnn], 3)
+    } else {
+        (
+            vec![
+                BackboneKind::SmallCnn,
+                BackboneKind::Resnet18,
+                BackboneKind::Resnet50,
+            ],
+            10,
+        )
+    };
+    let mut rows = Vec::new();
+    for b in backbones {
+        let r = allreduce::measure(&opts.group, device, b, rounds)?;
+        rows.push(vec![
+            r.backbone.clone(),
+            format!("{:.2} M", r.parameters as f64 / 1e6),
+            format!("{:.1}", r.bytes as f64 / 1e6),
+            r.ranks.to_string(),
+            format!(
+                "{} on {}",
+                r.transport,
+                crate::pipeline::setup::device_name(device)
+            ),
+            r.buckets.to_string(),
+            r.rounds.to_string(),
+            format!("{:.2}", r.seconds * 1e3),
+            format!("{:.1}", r.algbw()),
+            if r.ranks > 1 {
+                format!("{:.1}", r.busbw())
+            } else {
+                "-".into()
+            },
+            format!("{:.0e}", r.error),
+        ]);
+    }
+    Ok(format!(
+        "## 6. Gradient averaging across ranks (one step's average of the whole gradient; \
+         checked against the known result)\n\n{}",
+        table(
+            &[
+                "backbone",
+                "parameters",
+                "gradient MB",
+                "ranks",
+                "transport",
+                "buckets",
+                "rounds",
+                "median ms",
+                "algbw GB/s",
+                "busbw GB/s",
+                "largest error",
+            ],
+            &rows
+        )
+    ))
 }
 
 fn predict_section(

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     pub output: Option<PathBuf>,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(args: BenchArgs, group: std::rc::Rc<patchgd::dist::Group>) -> Result<()> {
     use patchgd::bench::{BenchOptions, Part};
     let opts = BenchOptions {
         dir: std::path::absolute(&args.dir)?,
@@ -50,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         quick: args.quick,
         budget_seconds: if args.quick { 5.0 } else { args.seconds },
         exe: std::env::current_exe()?,
+        group,
     };
     let parts = if args.only.is_empty() {
         vec![
@@ -58,6 +59,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Budget,
             Part::Precision,
             Part::Predict,
+            Part::Allreduce,
         ]
     } else {
         args.only

@@ -8,6 +8,11 @@
 //! compute over the whole global batch (when nothing in the model uses batch statistics), also
 //! when the ranks' shares differ, at the end of an epoch or after a failed image, and when a rank
 //! has no images at all in a step (it contributes zeros and a weight of 0).
+//!
+//! Where the buckets are summed ([`Transport`]): parameters on a GPU are summed there by NCCL,
+//! without leaving the device; parameters on the CPU by MPI. The step's small header (image
+//! counts, which parameters have gradients) always goes through MPI: its values are on the
+//! host already.
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -15,7 +20,36 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::Group;
+use super::nccl::Communicator;
+use super::{DistError, Group};
+
+/// How the flat buffers are summed over the ranks.
+pub enum Transport {
+    /// On the host, by the group's MPI (the identity in a group of one).
+    Mpi,
+    /// On the GPU, by NCCL.
+    Nccl(Communicator),
+}
+
+impl Transport {
+    /// NCCL for parameters on a GPU, MPI for parameters on the CPU. With one rank there is
+    /// nothing to sum, and no NCCL communicator is made.
+    pub fn for_parameters(group: &Group, masters: &[Tensor]) -> Result<Self, DistError> {
+        match masters.first().map(Tensor::device) {
+            Some(Device::Cuda(gpu)) if group.size() > 1 => {
+                Ok(Self::Nccl(Communicator::for_group(group, gpu)?))
+            }
+            _ => Ok(Self::Mpi),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Mpi => "MPI",
+            Self::Nccl(_) => "NCCL",
+        }
+    }
+}
 
 /// Which parameters go into which flat buffer: consecutive parameters, each bucket up to
 /// `bucket_elements` values (a parameter larger than that has a bucket of its own).
@@ -45,6 +79,7 @@ impl BucketPlan {
 /// Averages a step's gradients over the group (see the module's comment).
 pub struct GradientAverager {
     group: Rc<Group>,
+    transport: Transport,
     plan: BucketPlan,
     numels: Vec<i64>,
     /// Each parameter's shape and device, for the averaged gradients.
@@ -60,19 +95,28 @@ impl GradientAverager {
     /// 16 Mi values: 64 MiB of f32 per buffer. resnet50's 25.6 M parameters take two.
     pub const BUCKET_ELEMENTS: i64 = 1 << 24;
 
-    /// For parameters shaped as `masters`, in this order on every rank.
-    pub fn new(group: Rc<Group>, masters: &[Tensor]) -> Self {
-        Self::with_bucket_elements(group, masters, Self::BUCKET_ELEMENTS)
+    /// For parameters shaped as `masters`, in this order on every rank, summed where they are
+    /// ([`Transport::for_parameters`]). Every rank must call it: NCCL's set-up is collective.
+    pub fn new(group: Rc<Group>, masters: &[Tensor]) -> Result<Self, DistError> {
+        let transport = Transport::for_parameters(&group, masters)?;
+        Ok(Self::with_transport(
+            group,
+            masters,
+            transport,
+            Self::BUCKET_ELEMENTS,
+        ))
     }
 
-    pub fn with_bucket_elements(
+    pub fn with_transport(
         group: Rc<Group>,
         masters: &[Tensor],
+        transport: Transport,
         bucket_elements: i64,
     ) -> Self {
         let numels: Vec<i64> = masters.iter().map(|m| m.numel() as i64).collect();
         Self {
             group,
+            transport,
             plan: BucketPlan::new(&numels, bucket_elements),
             numels,
             shapes: masters.iter().map(|m| (m.size(), m.device())).collect(),
@@ -83,6 +127,15 @@ impl GradientAverager {
 
     pub fn group(&self) -> &Rc<Group> {
         &self.group
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// How many flat buffers (collectives after the header) a step takes.
+    pub fn buckets(&self) -> usize {
+        self.plan.buckets.len()
     }
 
     /// `grads[i]`: this rank's gradient of parameter `i`, the mean over its `images` images
@@ -107,23 +160,37 @@ impl GradientAverager {
             self.seconds += started.elapsed().as_secs_f64();
             return out;
         }
+        // The buffers live where the sum is taken: on NCCL's GPU, or on the host for MPI.
+        let home = match &self.transport {
+            Transport::Mpi => Device::Cpu,
+            Transport::Nccl(comm) => Device::Cuda(comm.gpu()),
+        };
         for range in &self.plan.buckets {
             let parts: Vec<Tensor> = range
                 .clone()
                 .map(|i| {
                     let g = &grads[i];
                     if images > 0.0 && g.defined() {
-                        (g.to_kind(Kind::Float).to_device(Device::Cpu) * images).reshape([-1])
+                        (g.to_kind(Kind::Float).to_device(home) * images).reshape([-1])
                     } else {
-                        Tensor::zeros([self.numels[i]], (Kind::Float, Device::Cpu))
+                        Tensor::zeros([self.numels[i]], (Kind::Float, home))
                     }
                 })
                 .collect();
             let flat = tch::no_grad(|| Tensor::cat(&parts, 0));
-            let mut values: Vec<f32> = Vec::try_from(&flat).expect("a flat f32 gradient buffer");
-            self.group.all_reduce_sum_f32(&mut values);
+            let summed = match &self.transport {
+                Transport::Mpi => {
+                    let mut values: Vec<f32> =
+                        Vec::try_from(&flat).expect("a flat f32 gradient buffer");
+                    self.group.all_reduce_sum_f32(&mut values);
+                    Tensor::from_slice(&values)
+                }
+                Transport::Nccl(comm) => {
+                    comm.all_reduce_sum_in_place(&flat);
+                    flat
+                }
+            } / total;
             self.collectives += 1;
-            let summed = Tensor::from_slice(&values) / total;
             let sizes: Vec<i64> = range.clone().map(|i| self.numels[i]).collect();
             for (i, part) in range.clone().zip(summed.split_with_sizes(&sizes, 0)) {
                 if header[1 + i] > 0.0 {
@@ -156,7 +223,8 @@ mod tests {
             Tensor::zeros([3], (Kind::Float, Device::Cpu)),
         ];
         let g = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
-        let mut avg = GradientAverager::with_bucket_elements(Group::single(), &masters, 4);
+        let mut avg =
+            GradientAverager::with_transport(Group::single(), &masters, Transport::Mpi, 4);
         let out = avg.average(&[g.shallow_clone(), Tensor::new()], 3.0);
         assert!(out[0].equal(&g));
         assert!(!out[1].defined());

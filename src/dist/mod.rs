@@ -14,8 +14,9 @@ use std::rc::Rc;
 mod average;
 #[cfg(feature = "mpi")]
 mod mpi_world;
+pub mod nccl;
 
-pub use average::{BucketPlan, GradientAverager};
+pub use average::{BucketPlan, GradientAverager, Transport};
 
 /// Why the group could not be formed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,15 @@ pub enum DistError {
     /// MPI was there but could not be initialised.
     #[error("MPI could not be initialised: {0}")]
     Init(String),
+    /// Averaging on a GPU needs NCCL, and this process has none.
+    #[error(
+        "averaging gradients on the GPU needs NCCL, which comes with the CUDA build of PyTorch \
+         (`pip install torch==2.11.0`): {0}"
+    )]
+    NcclMissing(String),
+    /// NCCL was there but failed.
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// The ranks of one run. Cheap to share (`Rc`): the trainer's optimizer and the runner hold it.
@@ -163,6 +173,15 @@ impl Group {
             Backend::Single => {}
             #[cfg(feature = "mpi")]
             Backend::Mpi(w) => w.broadcast(values),
+        }
+    }
+
+    /// Every rank gets rank 0's bytes (an NCCL id).
+    pub fn broadcast_bytes(&self, bytes: &mut [u8]) {
+        match &self.backend {
+            Backend::Single => {}
+            #[cfg(feature = "mpi")]
+            Backend::Mpi(w) => w.broadcast(bytes),
         }
     }
 

@@ -218,14 +218,19 @@ pub fn start_or_resume(
     };
     let mut trainer = build_trainer(def, data.model_spec(def), device, data.train_set.len())?;
     trainer.config.batch_size = def.train.batch_size / group.size();
-    trainer.join(group.clone());
+    trainer.join(group.clone())?;
     observer.note(&data.describe(def, &device_name(device)));
     if group.size() > 1 {
         observer.note(&format!(
-            "data-parallel over {} ranks: {} images per rank and step (train.batch_size {})",
+            "data-parallel over {} ranks: {} images per rank and step (train.batch_size {}), \
+             gradients averaged by {}",
             group.size(),
             trainer.config.batch_size,
-            def.train.batch_size
+            def.train.batch_size,
+            trainer
+                .optimizer
+                .averager()
+                .map_or("-", |a| a.transport().name())
         ));
     }
     let mut session = Session {

@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::precision::LossScaler;
-use crate::dist::{GradientAverager, Group};
+use crate::dist::{DistError, GradientAverager, Group};
 use crate::model::{LoadError, Param};
 
 /// A value that must be finite was not: what it was (`loss`, `gradient of 'NAME'`, a variable).
@@ -80,18 +80,19 @@ impl Adam {
     }
 
     /// Average every step's gradients over a data-parallel group before using them (a group
-    /// of one changes nothing).
-    pub fn average_over(&mut self, group: std::rc::Rc<Group>) {
+    /// of one changes nothing). Collective: every rank calls it (on a GPU, NCCL's set-up).
+    pub fn average_over(&mut self, group: std::rc::Rc<Group>) -> Result<(), DistError> {
         if group.size() == 1 {
             self.averager = None;
-            return;
+            return Ok(());
         }
         let masters: Vec<Tensor> = self
             .params
             .iter()
             .map(|p| p.master.shallow_clone())
             .collect();
-        self.averager = Some(GradientAverager::new(group, &masters));
+        self.averager = Some(GradientAverager::new(group, &masters)?);
+        Ok(())
     }
 
     /// The data-parallel averager, if any (its time spent in collectives).

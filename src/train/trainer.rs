@@ -77,6 +77,9 @@ pub enum TrainError {
     /// The ranks of a data-parallel run disagree (their weights, or their batches' grids).
     #[error("data-parallel ranks disagree: {0}")]
     Ranks(String),
+    /// The ranks could not set up their collectives (NCCL on a GPU).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
 }
 
 /// What one training mini-batch did.
@@ -188,9 +191,10 @@ impl Trainer {
     /// over the ranks and BatchNorm's running statistics follow rank 0's after every step.
     /// `config.batch_size` is then this rank's share of the global batch. Once the starting
     /// weights are in place, [`Trainer::check_ranks_agree`] says whether every rank has them.
-    pub fn join(&mut self, group: Rc<Group>) {
-        self.optimizer.average_over(group.clone());
+    pub fn join(&mut self, group: Rc<Group>) -> Result<(), TrainError> {
+        self.optimizer.average_over(group.clone())?;
         self.group = group;
+        Ok(())
     }
 
     /// The group this trainer is one rank of.

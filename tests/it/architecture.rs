@@ -31,8 +31,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "bench",
         &[
-            "model", "patch", "pipeline", "rng", "sink", "source", "sql", "state", "storage",
-            "synth", "train",
+            "dist", "model", "patch", "pipeline", "rng", "sink", "source", "sql", "state",
+            "storage", "synth", "train",
         ],
     ),
     ("testkit", &["storage"]),

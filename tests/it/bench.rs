@@ -142,4 +142,23 @@ fn quick_bench_measures_every_target() {
         );
         assert!((pipeline / fill - ratio).abs() / ratio < 0.02, "{row:?}");
     }
+
+    // Gradient averaging in a group of one, on the CPU: MPI's path (the identity), small_cnn's
+    // whole gradient in one bucket; 4 bytes per parameter; the average is checked exactly.
+    let allreduce = table(&report, "## 6.");
+    assert_eq!(allreduce.len(), 1, "{report}");
+    let r = &allreduce[0];
+    assert_eq!(
+        (r[0].as_str(), r[3].as_str(), r[4].as_str(), r[5].as_str()),
+        ("small_cnn", "1", "MPI on cpu", "1"),
+        "{r:?}"
+    );
+    let millions: f64 = r[1].trim_end_matches(" M").parse().unwrap();
+    let mb: f64 = r[2].parse().unwrap();
+    assert!((millions * 4.0 - mb).abs() < 0.1, "{r:?}");
+    assert!(r[7].parse::<f64>().unwrap() > 0.0, "{r:?}");
+    assert_eq!(
+        r[10], "0e0",
+        "one rank's average is its own gradient: {r:?}"
+    );
 }

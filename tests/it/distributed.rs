@@ -33,9 +33,8 @@ fn setup_with(dir: &Path, train: usize, extra: &str) -> PathBuf {
 
 /// `patchgd run FILE --no-progress --set output=OUT`, under `mpirun -np N` when `ranks` > 1.
 fn run(file: &Path, ranks: usize, out: &Path, extra: &[&str]) -> Output {
-    let exe = env!("CARGO_BIN_EXE_patchgd");
     let output = format!("output={}", out.display());
-    let mut args: Vec<String> = ["run", file.to_str().unwrap(), "--no-progress", "--set"]
+    let args: Vec<String> = ["run", file.to_str().unwrap(), "--no-progress", "--set"]
         .iter()
         .map(|s| s.to_string())
         .chain([output])
@@ -45,6 +44,14 @@ fn run(file: &Path, ranks: usize, out: &Path, extra: &[&str]) -> Output {
                 .flat_map(|s| ["--set".to_string(), s.to_string()]),
         )
         .collect();
+    launch(ranks, &args)
+        .output()
+        .expect("mpirun (apt-get install openmpi-bin; scripts/setup mpi)")
+}
+
+/// `patchgd ARGS`, under `mpirun -np N` when `ranks` > 1, in the ranks' environment.
+fn launch(ranks: usize, args: &[String]) -> Command {
+    let exe = env!("CARGO_BIN_EXE_patchgd");
     let mut cmd = if ranks == 1 {
         Command::new(exe)
     } else {
@@ -55,14 +62,13 @@ fn run(file: &Path, ranks: usize, out: &Path, extra: &[&str]) -> Output {
             "--oversubscribe",
             "--bind-to",
             "none",
+            exe,
         ]);
-        args.insert(0, exe.to_string());
         c
     };
-    cmd.args(&args);
+    cmd.args(args);
     mpi_environment(&mut cmd);
-    cmd.output()
-        .expect("mpirun (apt-get install openmpi-bin; scripts/setup mpi)")
+    cmd
 }
 
 fn mpi_environment(cmd: &mut Command) {
@@ -259,6 +265,36 @@ fn a_batch_size_the_ranks_cannot_share_is_refused_naming_both() {
 }
 
 #[test]
+fn the_allreduce_bench_averages_over_two_ranks_and_checks_the_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |only: &str| -> Vec<String> {
+        [
+            "bench", "--quick", "--device", "cpu", "--only", only, "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().display().to_string()])
+        .collect()
+    };
+    // The bench fails unless the averaged gradient is the known weighted mean, g (2N + 1) / 3.
+    let text = ok(
+        &launch(2, &args("allreduce")).output().unwrap(),
+        "the 2-rank allreduce bench",
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("| small_cnn"))
+        .collect();
+    assert_eq!(rows.len(), 1, "rank 0 alone prints:\n{text}");
+    assert!(rows[0].contains("| 2 | MPI on cpu |"), "{text}");
+    let text = refused(
+        &launch(2, &args("efficiency")).output().unwrap(),
+        "a single-process bench part on 2 ranks",
+    );
+    assert!(text.contains("launched as 2 ranks"), "{text}");
+}
+
+#[test]
 fn each_rank_reads_only_its_share_of_the_images() {
     use std::collections::BTreeSet;
     let dir = tempfile::tempdir().unwrap();
@@ -410,22 +446,15 @@ unsafe extern "C" {
 
 /// [`run`] in the background (no `--set` extras), its output captured.
 fn spawn(file: &Path, ranks: usize, out: &Path) -> std::process::Child {
-    let exe = env!("CARGO_BIN_EXE_patchgd");
-    let mut c = Command::new("mpirun");
-    c.args([
-        "-np",
-        &ranks.to_string(),
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        exe,
-        "run",
-    ])
-    .arg(file)
-    .args(["--no-progress", "--set"])
-    .arg(format!("output={}", out.display()));
-    mpi_environment(&mut c);
-    c.stdout(std::process::Stdio::piped())
+    let args = [
+        "run".to_string(),
+        file.display().to_string(),
+        "--no-progress".into(),
+        "--set".into(),
+        format!("output={}", out.display()),
+    ];
+    launch(ranks, &args)
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("mpirun")
