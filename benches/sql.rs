@@ -7,12 +7,15 @@
 //! - statistics: `avg(fg_fraction)` needs the pixels decoded, but they are not kept;
 //! - pixels: also `sum(byte_length(pixels))`, so every patch's pixels are cut and carried.
 //!
+//! Then the statistics query again with one partition per core (the scan split into slices of
+//! the images, one source stage each) against one partition, with the same result.
+//!
 //! `scripts/bench` runs it in full; under `cargo test` it runs 20 images as a smoke test.
 
 use std::time::Instant;
 
-use datafusion::prelude::SessionContext;
-use patchgd::sql::{Sources, register};
+use arrow::record_batch::RecordBatch;
+use patchgd::sql::{Sources, register, session_with_partitions};
 use patchgd::storage::Location;
 use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
 
@@ -38,7 +41,7 @@ fn main() {
         "{images} images of 512 x 512 generated in {:.1} s under {url}",
         started.elapsed().as_secs_f64()
     );
-    let ctx = SessionContext::new();
+    let ctx = session_with_partitions(1);
     rt.block_on(register(&ctx, &Sources::default())).unwrap();
     let from = format!("patches('{url}', 128)");
     let queries = [
@@ -98,4 +101,41 @@ fn main() {
         medians[1] / medians[0],
         medians[2] / medians[1]
     );
+
+    // The statistics query, one partition against one per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let sql = format!("{} ORDER BY image_id", queries[1].1);
+    let sorted = |ctx: &datafusion::prelude::SessionContext| -> (f64, Vec<RecordBatch>) {
+        let mut times = Vec::new();
+        let mut last = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            last = rt
+                .block_on(async { ctx.sql(&sql).await?.collect().await })
+                .unwrap();
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        (times[times.len() / 2], last)
+    };
+    let (one, one_rows) = sorted(&ctx);
+    let split = session_with_partitions(cores);
+    rt.block_on(register(&split, &Sources::default())).unwrap();
+    let (many, many_rows) = sorted(&split);
+    let text = |b: &[RecordBatch]| {
+        arrow::util::pretty::pretty_format_batches(b)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        text(&one_rows),
+        text(&many_rows),
+        "the same result in any partitioning"
+    );
+    println!(
+        "\n| statistics query | median s | images/s |\n|---|---|---|\n| 1 partition | {one:.2} | {:.0} |\n| {cores} partitions | {many:.2} | {:.0} |",
+        images as f64 / one,
+        images as f64 / many
+    );
+    println!("{cores} partitions / 1: {:.2}x the speed", one / many);
 }

@@ -5,7 +5,14 @@
 //! any object is read; the header columns are read (one ranged GET per image) only when the
 //! query uses them. An object whose header cannot be read keeps its row, with the reason in
 //! `error`.
+//!
+//! Header reads happen when the plan runs, in [`ImagesExec`]: one partition per slice of the
+//! images, as the `patches` scan splits them ([`slices_by_bytes`]), so that partitions (and the
+//! executors of a cluster) share the reads. `EXPLAIN ANALYZE` shows `headers_read` and
+//! `images_failed`.
 
+use std::fmt;
+use std::ops::Range;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use arrow::array::{
@@ -14,17 +21,30 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, Result, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::execution::TaskContext;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{
+    Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+};
 use futures::StreamExt;
 
+use super::patches::slices_by_bytes;
 use super::{DataSet, pushdown, reads_only};
 use crate::source::inspect::{ImageInfo, InspectError, inspect};
 use crate::source::{Failure, ImageEntry};
+use crate::storage::Location;
 
 static IMAGES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
@@ -146,6 +166,7 @@ impl TableProvider for ImagesTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let (loc, entries, failures) = self.data.entries().await?;
         self.failures.lock().unwrap().extend(failures);
+        let listed = entries.len();
         let filter = conjunction(filters.iter().filter(|f| listing_only(f)).cloned());
         let entries = filter_entries(state, entries, filter)?;
         let schema = images_schema();
@@ -153,68 +174,252 @@ impl TableProvider for ImagesTable {
             .cloned()
             .unwrap_or_else(|| (0..schema.fields().len()).collect());
         let needs_header = wanted.iter().any(|&i| i >= LISTING_COLUMNS.len());
-        let (patch, stride) = (self.data.stream.patch, self.data.stream.stride);
-        let infos: Vec<Option<Result<ImageInfo, InspectError>>> = if needs_header {
-            let targets: Vec<_> = entries.iter().map(|e| (e.path.clone(), e.size)).collect();
-            futures::stream::iter(targets)
-                .map(|(path, size)| {
-                    let loc = loc.clone();
-                    async move { Some(inspect(&loc, &path, size, patch, stride).await) }
-                })
-                .buffered(HEADER_READS_IN_FLIGHT)
-                .collect()
-                .await
-        } else {
-            entries.iter().map(|_| None).collect()
-        };
-        let listing = listing_batch(&entries)?;
-        let info = |f: &dyn Fn(&ImageInfo) -> Option<f64>| -> Vec<Option<f64>> {
-            infos
-                .iter()
-                .map(|i| i.as_ref().and_then(|r| r.as_ref().ok()).and_then(f))
-                .collect()
-        };
-        let level0 = |i: &ImageInfo| i.levels.iter().find(|l| l.level == Some(0)).cloned();
-        let u32s = |v: Vec<Option<f64>>| -> ArrayRef {
-            Arc::new(UInt32Array::from_iter(
-                v.into_iter().map(|x| x.map(|x| x as u32)),
-            ))
-        };
-        let mut columns: Vec<ArrayRef> = listing.columns().to_vec();
-        columns.push(Arc::new(StringArray::from_iter(infos.iter().map(|i| {
-            i.as_ref()
-                .and_then(|r| r.as_ref().ok())
-                .map(|i| i.format.clone())
-        }))));
-        columns.push(u32s(info(&|i| level0(i).map(|l| l.width as f64))));
-        columns.push(u32s(info(&|i| level0(i).map(|l| l.height as f64))));
-        columns.push(u32s(info(&|i| {
-            Some(i.levels.iter().filter(|l| l.level.is_some()).count() as f64)
-        })));
-        columns.push(Arc::new(Float64Array::from(info(&|i| i.mpp))));
-        columns.push(Arc::new(StringArray::from_iter(infos.iter().map(|i| {
-            i.as_ref()
-                .and_then(|r| r.as_ref().err())
-                .map(|e| e.to_string())
-        }))));
-        {
-            let mut reported = self.failures.lock().unwrap();
-            for (e, i) in entries.iter().zip(&infos) {
-                if let Some(Err(message)) = i {
-                    reported.push(Failure {
-                        image_id: e.image_id.clone(),
-                        url: e.url.clone(),
-                        stage: "read".into(),
-                        message: message.to_string(),
-                    });
-                }
+        if !needs_header {
+            // The listing alone: nothing to read, one batch.
+            let mut columns = listing_batch(&entries)?.columns().to_vec();
+            columns.extend(
+                schema.fields()[LISTING_COLUMNS.len()..]
+                    .iter()
+                    .map(|f| arrow::array::new_null_array(f.data_type(), entries.len())),
+            );
+            let batch = RecordBatch::try_new(schema.clone(), columns)?;
+            return Ok(MemorySourceConfig::try_new_exec(
+                &[vec![batch]],
+                schema,
+                projection.cloned(),
+            )?);
+        }
+        let slices = slices_by_bytes(&entries, state.config().target_partitions());
+        Ok(Arc::new(ImagesExec::new(
+            self.data.clone(),
+            loc,
+            entries,
+            listed,
+            slices,
+            projection.cloned(),
+            self.failures.clone(),
+        )?))
+    }
+}
+
+/// Read the headers of `entries` (a few at a time) into rows of the images table; an object
+/// whose header cannot be read keeps its row, with the reason in `error`, and is reported.
+async fn header_rows(
+    loc: &Location,
+    entries: &[ImageEntry],
+    (patch, stride): (usize, usize),
+    failures: &Mutex<Vec<Failure>>,
+    counters: &HeaderCounters,
+) -> Result<RecordBatch> {
+    let schema = images_schema();
+    let targets: Vec<_> = entries.iter().map(|e| (e.path.clone(), e.size)).collect();
+    let infos: Vec<Result<ImageInfo, InspectError>> = futures::stream::iter(targets)
+        .map(|(path, size)| {
+            let loc = loc.clone();
+            async move { inspect(&loc, &path, size, patch, stride).await }
+        })
+        .buffered(HEADER_READS_IN_FLIGHT)
+        .collect()
+        .await;
+    counters.read.add(infos.len());
+    let listing = listing_batch(entries)?;
+    let info = |f: &dyn Fn(&ImageInfo) -> Option<f64>| -> Vec<Option<f64>> {
+        infos.iter().map(|i| i.as_ref().ok().and_then(f)).collect()
+    };
+    let level0 = |i: &ImageInfo| i.levels.iter().find(|l| l.level == Some(0)).cloned();
+    let u32s = |v: Vec<Option<f64>>| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter(
+            v.into_iter().map(|x| x.map(|x| x as u32)),
+        ))
+    };
+    let mut columns: Vec<ArrayRef> = listing.columns().to_vec();
+    columns.push(Arc::new(StringArray::from_iter(
+        infos
+            .iter()
+            .map(|i| i.as_ref().ok().map(|i| i.format.clone())),
+    )));
+    columns.push(u32s(info(&|i| level0(i).map(|l| l.width as f64))));
+    columns.push(u32s(info(&|i| level0(i).map(|l| l.height as f64))));
+    columns.push(u32s(info(&|i| {
+        Some(i.levels.iter().filter(|l| l.level.is_some()).count() as f64)
+    })));
+    columns.push(Arc::new(Float64Array::from(info(&|i| i.mpp))));
+    columns.push(Arc::new(StringArray::from_iter(
+        infos
+            .iter()
+            .map(|i| i.as_ref().err().map(|e| e.to_string())),
+    )));
+    {
+        let mut reported = failures.lock().unwrap();
+        for (e, i) in entries.iter().zip(&infos) {
+            if let Err(message) = i {
+                counters.failed.add(1);
+                reported.push(Failure {
+                    image_id: e.image_id.clone(),
+                    url: e.url.clone(),
+                    stage: "read".into(),
+                    message: message.to_string(),
+                });
             }
         }
-        let batch = RecordBatch::try_new(schema.clone(), columns)?;
-        Ok(MemorySourceConfig::try_new_exec(
-            &[vec![batch]],
-            schema,
-            projection.cloned(),
-        )?)
+    }
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// What an [`ImagesExec`] counts, for `EXPLAIN ANALYZE`.
+#[derive(Clone)]
+struct HeaderCounters {
+    read: Count,
+    failed: Count,
+}
+
+/// The images table's header reads as a DataFusion leaf: partition `p` reads the headers of its
+/// slice of the images and yields their rows.
+pub struct ImagesExec {
+    data: DataSet,
+    location: Location,
+    entries: Vec<ImageEntry>,
+    /// Images listed before the listing filters.
+    listed: usize,
+    /// Each partition's images: contiguous ranges of `entries`.
+    slices: Vec<Range<usize>>,
+    projection: Option<Vec<usize>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
+    metrics: ExecutionPlanMetricsSet,
+    counters: HeaderCounters,
+    properties: Arc<PlanProperties>,
+}
+
+impl fmt::Debug for ImagesExec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ImagesExec")
+    }
+}
+
+impl ImagesExec {
+    fn new(
+        data: DataSet,
+        location: Location,
+        entries: Vec<ImageEntry>,
+        listed: usize,
+        slices: Vec<Range<usize>>,
+        projection: Option<Vec<usize>>,
+        failures: Arc<Mutex<Vec<Failure>>>,
+    ) -> Result<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(images_schema().project(p)?),
+            None => images_schema(),
+        };
+        let metrics = ExecutionPlanMetricsSet::new();
+        let counters = HeaderCounters {
+            read: MetricBuilder::new(&metrics).global_counter("headers_read"),
+            failed: MetricBuilder::new(&metrics).global_counter("images_failed"),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(slices.len()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(Self {
+            data,
+            location,
+            entries,
+            listed,
+            slices,
+            projection,
+            failures,
+            metrics,
+            counters,
+            properties,
+        })
+    }
+}
+
+impl DisplayAs for ImagesExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "ImagesExec: url={}, read=headers, images={} of {}, partitions={}",
+            self.data.images,
+            self.entries.len(),
+            self.listed,
+            self.slices.len()
+        )
+    }
+}
+
+impl ExecutionPlan for ImagesExec {
+    fn name(&self) -> &'static str {
+        "ImagesExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let Some(slice) = self.slices.get(partition) else {
+            return datafusion::common::internal_err!(
+                "ImagesExec has {} partitions, asked for partition {partition}",
+                self.slices.len()
+            );
+        };
+        let entries = self.entries[slice.clone()].to_vec();
+        let location = self.location.clone();
+        let cut = (self.data.stream.patch, self.data.stream.stride);
+        let (failures, counters) = (self.failures.clone(), self.counters.clone());
+        let projection = self.projection.clone();
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
+        let stream = futures::stream::once(async move {
+            let batch = header_rows(&location, &entries, cut, &failures, &counters).await?;
+            let batch = match &projection {
+                Some(p) => batch.project(p)?,
+                None => batch,
+            };
+            output_rows.add(batch.num_rows());
+            Ok(batch)
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.properties.eq_properties.schema().clone(),
+            stream,
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 }

@@ -92,22 +92,35 @@ pub struct Sources {
     pub storage: StoreOptions,
 }
 
-/// Images that scans of the registered tables could not read, in the order they failed.
+/// Images that scans of the registered tables could not read.
 #[derive(Clone, Debug, Default)]
 pub struct Reported(pub Arc<Mutex<Vec<Failure>>>);
 
 impl Reported {
-    /// The failures since the last call.
+    /// The failures since the last call, by image id (partitions fail in any order; a report
+    /// should not change with it).
     pub fn take(&self) -> Vec<Failure> {
-        std::mem::take(&mut self.0.lock().unwrap())
+        let mut failures = std::mem::take(&mut *self.0.lock().unwrap());
+        failures.sort_by(|a, b| (&a.image_id, &a.stage).cmp(&(&b.image_id, &b.stage)));
+        failures
     }
 }
 
-/// A session for patchgd queries: one partition per scan (sources keep their own parallelism),
-/// and information_schema for `SHOW TABLES`.
+/// A session for patchgd queries: as many partitions as cores (a `patches` scan runs that many
+/// source stages over slices of the images), and information_schema for `SHOW TABLES`.
 pub fn session() -> SessionContext {
+    session_with_partitions(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    )
+}
+
+/// [`session`] with `partitions` partitions per scan (1: one source stage, patches in listing
+/// order).
+pub fn session_with_partitions(partitions: usize) -> SessionContext {
     let config = SessionConfig::new()
-        .with_target_partitions(1)
+        .with_target_partitions(partitions.max(1))
         .with_information_schema(true);
     SessionContext::new_with_config(config)
 }

@@ -9,10 +9,16 @@
 //!   without `pixels` decodes but never keeps pixels.
 //!
 //! Every pushed filter is `Inexact`: DataFusion still applies it, so the answer never depends on
-//! how much the source could prune. `EXPLAIN` shows the scan's read mode and pushed filters;
-//! `EXPLAIN ANALYZE` the images opened, decoded and failed.
+//! how much the source could prune. `EXPLAIN` shows the scan's read mode, partitions and pushed
+//! filters; `EXPLAIN ANALYZE` the images opened, decoded and failed.
+//!
+//! The scan has one partition per slice of the chosen images (the session's
+//! `target_partitions`, at most one per image): contiguous ranges of the listing with about the
+//! same bytes each, every image in exactly one. Each partition runs its own source stage over its
+//! images, with its share of the byte budget, so the bound on memory holds for the whole scan.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, BooleanArray, RecordBatch};
@@ -185,6 +191,7 @@ impl TableProvider for PatchesTable {
             None => schema,
         };
         self.failures.lock().unwrap().extend(failures.clone());
+        let slices = slices_by_bytes(&entries, state.config().target_partitions());
         Ok(Arc::new(PatchesExec::new(
             self.data.clone(),
             images,
@@ -196,15 +203,43 @@ impl TableProvider for PatchesTable {
             projected,
             [image_filter, cell_filter],
             self.failures.clone(),
+            slices,
         )))
     }
 }
 
-/// The source stage as a DataFusion leaf: one partition, patches in image order.
+/// Cut `entries` into at most `n` contiguous, non-empty slices of about the same bytes (one
+/// slice when there are no entries): a partition's images are neighbours in the listing, and a
+/// few large slides do not all land in one partition.
+pub fn slices_by_bytes(entries: &[ImageEntry], n: usize) -> Vec<Range<usize>> {
+    let n = n.clamp(1, entries.len().max(1));
+    let total: u64 = entries.iter().map(|e| e.size.max(1)).sum();
+    let mut slices = Vec::with_capacity(n);
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, e) in entries.iter().enumerate() {
+        bytes += e.size.max(1);
+        let left = n - slices.len() - 1; // slices still to make after this one
+        let images_after = entries.len() - i - 1;
+        // Close the slice at its share of the bytes, or when every later slice needs one of the
+        // remaining images.
+        let due = bytes * n as u64 >= total * (slices.len() as u64 + 1);
+        if left > 0 && (due || images_after == left) {
+            slices.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    slices.push(start..entries.len());
+    slices
+}
+
+/// The source stage as a DataFusion leaf: one partition per slice of the images, each with its
+/// patches in image order.
 pub struct PatchesExec {
     data: DataSet,
     images: crate::storage::Location,
     entries: Vec<ImageEntry>,
+    /// Each partition's images: contiguous ranges of `entries`.
+    slices: Vec<Range<usize>>,
     listed: usize,
     /// Failures known before streaming (objects without a label).
     listing_failures: Vec<Failure>,
@@ -237,8 +272,11 @@ impl PatchesExec {
         schema: SchemaRef,
         pushed: [Option<Expr>; 2],
         failures: Arc<Mutex<Vec<Failure>>>,
+        slices: Vec<Range<usize>>,
     ) -> Self {
         let metrics = ExecutionPlanMetricsSet::new();
+        // The byte budget is the scan's: each partition's stage gets its share.
+        config.buffer_bytes = (config.buffer_bytes / slices.len()).max(1 << 20);
         config.counters = SourceCounters {
             opened: MetricBuilder::new(&metrics).global_counter("images_opened"),
             decoded: MetricBuilder::new(&metrics).global_counter("images_decoded"),
@@ -246,7 +284,7 @@ impl PatchesExec {
         let failed = MetricBuilder::new(&metrics).global_counter("images_failed");
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(1),
+            Partitioning::UnknownPartitioning(slices.len()),
             EmissionType::Incremental,
             Boundedness::Bounded,
         ));
@@ -254,6 +292,7 @@ impl PatchesExec {
             data,
             images,
             entries,
+            slices,
             listed,
             listing_failures,
             config,
@@ -277,12 +316,13 @@ impl DisplayAs for PatchesExec {
         };
         write!(
             f,
-            "PatchesExec: url={}, patch={}, stride={}, read={read}, images={} of {}",
+            "PatchesExec: url={}, patch={}, stride={}, read={read}, images={} of {}, partitions={}",
             self.data.images,
             self.config.patch,
             self.config.stride,
             self.entries.len(),
-            self.listed
+            self.listed,
+            self.slices.len()
         )?;
         if let Some(e) = &self.pushed[0] {
             write!(f, ", image_filter=[{e}]")?;
@@ -334,12 +374,18 @@ impl ExecutionPlan for PatchesExec {
 
     fn execute(
         &self,
-        _partition: usize,
+        partition: usize,
         _context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
+        let Some(slice) = self.slices.get(partition) else {
+            return datafusion::common::internal_err!(
+                "PatchesExec has {} partitions, asked for partition {partition}",
+                self.slices.len()
+            );
+        };
         let (images, entries, config) = (
             self.images.clone(),
-            self.entries.clone(),
+            self.entries[slice.clone()].to_vec(),
             self.config.clone(),
         );
         let (projection, failures, failed) = (
@@ -347,8 +393,11 @@ impl ExecutionPlan for PatchesExec {
             self.failures.clone(),
             self.failed.clone(),
         );
-        failed.add(self.listing_failures.len());
-        let output_rows = MetricBuilder::new(&self.metrics).output_rows(0);
+        // Objects that failed before any partition (no label) count once.
+        if partition == 0 {
+            failed.add(self.listing_failures.len());
+        }
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
         // Started on first poll, inside the runtime that drives the query.
         let stream = futures::stream::once(async move {
             futures::stream::unfold(stream_images(images, entries, config), move |mut rx| {
@@ -389,5 +438,50 @@ impl ExecutionPlan for PatchesExec {
 
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(sizes: &[u64]) -> Vec<ImageEntry> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| ImageEntry {
+                image_id: format!("i{i}"),
+                path: format!("i{i}.png").into(),
+                url: format!("memory:///i{i}.png"),
+                size,
+                label: None,
+                split: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slices_are_contiguous_non_empty_and_about_equal_in_bytes() {
+        let cover = |sizes: &[u64], n: usize| {
+            let s = slices_by_bytes(&entries(sizes), n);
+            let flat: Vec<usize> = s.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(flat, (0..sizes.len()).collect::<Vec<_>>(), "{sizes:?} {n}");
+            assert!(s.iter().all(|r| !r.is_empty()) || sizes.is_empty(), "{s:?}");
+            s
+        };
+        assert_eq!(cover(&[10, 10, 10, 10], 2), vec![0..2, 2..4]);
+        // One large image: alone in its slice, the small ones share the other.
+        assert_eq!(cover(&[100, 1, 1, 1], 2), vec![0..1, 1..4]);
+        assert_eq!(cover(&[1, 1, 1, 100], 2), vec![0..3, 3..4]);
+        // More partitions than images: one image each.
+        assert_eq!(cover(&[5, 5], 8), vec![0..1, 1..2]);
+        // Every later slice keeps an image, even when the bytes say otherwise.
+        assert_eq!(cover(&[1, 1, 1, 1000], 4), vec![0..1, 1..2, 2..3, 3..4]);
+        assert_eq!(cover(&[], 3), vec![0..0]);
+        assert_eq!(cover(&[0, 0, 0], 2).len(), 2);
+        for n in 1..7 {
+            let sizes: Vec<u64> = (0..17).map(|i| (i * 37 % 11 + 1) as u64).collect();
+            assert_eq!(cover(&sizes, n).len(), n.min(17));
+        }
     }
 }

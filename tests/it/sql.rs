@@ -14,7 +14,7 @@ use datafusion::prelude::SessionContext;
 use patchgd::pipeline::{Definition, RunOptions, run_with};
 use patchgd::source::decode::encode_png;
 use patchgd::source::tiff::write::{PyramidSpec, TileCompression, write_pyramid};
-use patchgd::sql::{DataSet, Sources, query, register, select, session};
+use patchgd::sql::{DataSet, Sources, query, register, select, session, session_with_partitions};
 use patchgd::storage::Location;
 use sqllogictest::{DBOutput, DefaultColumnType};
 
@@ -127,7 +127,11 @@ fn data_set(f: &Fixture) -> DataSet {
 }
 
 async fn context(f: &Fixture) -> SessionContext {
-    let ctx = session();
+    context_in(f, session()).await
+}
+
+/// `ctx` with the fixture's tables and run registered.
+async fn context_in(f: &Fixture, ctx: SessionContext) -> SessionContext {
     register(
         &ctx,
         &Sources {
@@ -327,6 +331,125 @@ fn filters_and_projections_reach_the_source_so_excluded_images_are_never_decoded
             "{text}"
         );
         assert!(text.contains("cell_filter=[col = "), "{text}");
+    });
+}
+
+/// The patches scan of `sql` in `ctx`, each partition executed on its own: the image ids of its
+/// rows, in order, per partition.
+async fn rows_by_partition(ctx: &SessionContext, sql: &str) -> Vec<Vec<String>> {
+    let plan = query(ctx, sql)
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap();
+    fn find(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+        if plan.name() == "PatchesExec" {
+            return Some(plan.clone());
+        }
+        plan.children().into_iter().find_map(find)
+    }
+    let scan = find(&plan).expect("the plan scans patches");
+    let mut out = Vec::new();
+    for p in 0..scan.properties().partitioning.partition_count() {
+        let batches =
+            datafusion::physical_plan::common::collect(scan.execute(p, ctx.task_ctx()).unwrap())
+                .await
+                .unwrap();
+        let mut ids = Vec::new();
+        for b in &batches {
+            let col = b.column_by_name("image_id").unwrap();
+            ids.extend((0..b.num_rows()).map(|r| cell(col.as_ref(), r)));
+        }
+        out.push(ids);
+    }
+    out
+}
+
+#[test]
+fn the_scans_split_the_images_across_partitions_each_read_once() {
+    let f = fixture();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sql = "SELECT image_id, row, col FROM patches";
+        let one = context_in(f, session_with_partitions(1)).await;
+        let single = rows_by_partition(&one, sql).await;
+        assert_eq!(single.len(), 1);
+        let three = context_in(f, session_with_partitions(3)).await;
+        let parts = rows_by_partition(&three, sql).await;
+        assert_eq!(parts.len(), 3, "5 images, 3 partitions");
+        // Each image's patches come from one partition; together they are the single scan's
+        // rows in the same order (the slices are contiguous ranges of the listing).
+        let images_of = |rows: &Vec<String>| {
+            let mut ids = rows.clone();
+            ids.dedup();
+            ids
+        };
+        let per_partition: Vec<Vec<String>> = parts.iter().map(images_of).collect();
+        let all: Vec<String> = per_partition.concat();
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            all.len(),
+            unique.len(),
+            "an image in two partitions: {per_partition:?}"
+        );
+        assert_eq!(parts.concat(), single[0], "{per_partition:?}");
+        assert_eq!(
+            single[0].len(),
+            30,
+            "4 readable images: 4 + 6 + 16 + 4 patches"
+        );
+        // The counters still say every image was opened once, and none decoded for geometry.
+        let counted = scan_counters(
+            &three,
+            "SELECT image_id, count(*) FROM patches GROUP BY image_id",
+        )
+        .await;
+        assert_eq!(counted, (5, 0, 1, 4), "(opened, decoded, failed, rows)");
+        let stats = scan_counters(&three, "SELECT avg(fg_fraction) FROM patches").await;
+        assert_eq!(stats, (5, 4, 1, 1));
+        let plan = query(&three, "EXPLAIN SELECT count(*) FROM patches")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&plan)
+            .unwrap()
+            .to_string();
+        assert!(text.contains("partitions=3"), "{text}");
+
+        // The images table reads headers in the same partitions: each image once.
+        let df = query(
+            &three,
+            "SELECT image_id, format, width FROM images ORDER BY image_id",
+        )
+        .await
+        .unwrap();
+        let plan = df.create_physical_plan().await.unwrap();
+        let rows: usize = collect(plan.clone(), three.task_ctx())
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        fn find(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+            if plan.name() == "ImagesExec" {
+                return Some(plan.clone());
+            }
+            plan.children().into_iter().find_map(find)
+        }
+        let scan = find(&plan).expect("header columns are read by ImagesExec");
+        assert_eq!(scan.properties().partitioning.partition_count(), 3);
+        let metrics = scan.metrics().unwrap();
+        let count = |name: &str| metrics.sum_by_name(name).map(|v| v.as_usize());
+        assert_eq!(
+            (rows, count("headers_read"), count("images_failed")),
+            (5, Some(5), Some(1)),
+            "(rows, headers read, failed)"
+        );
     });
 }
 
