@@ -245,19 +245,23 @@ fn sqllogictest_files_pin_the_sql_surface() {
     }
 }
 
+/// The first node of `plan` named `name`, depth first.
+fn find(plan: &Arc<dyn ExecutionPlan>, name: &str) -> Option<Arc<dyn ExecutionPlan>> {
+    if plan.name() == name {
+        return Some(plan.clone());
+    }
+    plan.children()
+        .into_iter()
+        .find_map(|child| find(child, name))
+}
+
 /// Runs `sql` and returns the counters of its patches scan: (opened, decoded, failed).
 async fn scan_counters(ctx: &SessionContext, sql: &str) -> (usize, usize, usize, usize) {
     let df = query(ctx, sql).await.unwrap();
     let plan = df.create_physical_plan().await.unwrap();
     let batches = collect(plan.clone(), ctx.task_ctx()).await.unwrap();
     let rows = batches.iter().map(|b| b.num_rows()).sum();
-    fn find(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
-        if plan.name() == "PatchesExec" {
-            return Some(plan.clone());
-        }
-        plan.children().into_iter().find_map(find)
-    }
-    let scan = find(&plan).expect("the plan scans patches");
+    let scan = find(&plan, "PatchesExec").expect("the plan scans patches");
     let metrics = scan.metrics().unwrap();
     let count = |name: &str| {
         metrics
@@ -343,13 +347,7 @@ async fn rows_by_partition(ctx: &SessionContext, sql: &str) -> Vec<Vec<String>> 
         .create_physical_plan()
         .await
         .unwrap();
-    fn find(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
-        if plan.name() == "PatchesExec" {
-            return Some(plan.clone());
-        }
-        plan.children().into_iter().find_map(find)
-    }
-    let scan = find(&plan).expect("the plan scans patches");
+    let scan = find(&plan, "PatchesExec").expect("the plan scans patches");
     let mut out = Vec::new();
     for p in 0..scan.properties().partitioning.partition_count() {
         let batches =
@@ -435,13 +433,7 @@ fn the_scans_split_the_images_across_partitions_each_read_once() {
             .iter()
             .map(|b| b.num_rows())
             .sum();
-        fn find(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
-            if plan.name() == "ImagesExec" {
-                return Some(plan.clone());
-            }
-            plan.children().into_iter().find_map(find)
-        }
-        let scan = find(&plan).expect("header columns are read by ImagesExec");
+        let scan = find(&plan, "ImagesExec").expect("header columns are read by ImagesExec");
         assert_eq!(scan.properties().partitioning.partition_count(), 3);
         let metrics = scan.metrics().unwrap();
         let count = |name: &str| metrics.sum_by_name(name).map(|v| v.as_usize());
