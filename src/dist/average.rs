@@ -85,7 +85,8 @@ pub struct GradientAverager {
     /// Each parameter's shape and device, for the averaged gradients.
     shapes: Vec<(Vec<i64>, Device)>,
     /// Seconds spent averaging (packing, the collectives, unpacking): the benchmark's share of
-    /// step time spent in communication.
+    /// step time spent in communication. With NCCL it is the host's time to queue the work (the
+    /// GPU runs it asynchronously); `patchgd bench --only allreduce` synchronises to time it.
     pub seconds: f64,
     /// Collectives issued (one header and one per bucket, per step).
     pub collectives: u64,
