@@ -15,7 +15,8 @@
 //! The scan has one partition per slice of the chosen images (the session's
 //! `target_partitions`, at most one per image): contiguous ranges of the listing with about the
 //! same bytes each, every image in exactly one. Each partition runs its own source stage over its
-//! images, with its share of the byte budget, so the bound on memory holds for the whole scan.
+//! images, with its share of the byte budget and of the decode workers (at least one), so the
+//! bounds on memory and on images decoding at once hold for the whole scan.
 
 use std::fmt;
 use std::ops::Range;
@@ -275,8 +276,10 @@ impl PatchesExec {
         slices: Vec<Range<usize>>,
     ) -> Self {
         let metrics = ExecutionPlanMetricsSet::new();
-        // The byte budget is the scan's: each partition's stage gets its share.
+        // The byte budget and the decode workers are the scan's: each partition's stage gets
+        // its share (at least one worker), so N partitions decode max(workers, N) images at once.
         config.buffer_bytes = (config.buffer_bytes / slices.len()).max(1 << 20);
+        config.decode_workers = (config.decode_workers / slices.len()).max(1);
         config.counters = SourceCounters {
             opened: MetricBuilder::new(&metrics).global_counter("images_opened"),
             decoded: MetricBuilder::new(&metrics).global_counter("images_decoded"),
