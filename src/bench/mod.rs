@@ -254,12 +254,13 @@ pub fn run(
 
 fn allreduce_section(opts: &BenchOptions) -> Result<String, String> {
     use crate::model::BackboneKind;
+    // One GPU per rank on each machine, as in a data-parallel run.
+    let gpu =
+        tch::Device::Cuda(opts.group.local_rank() % tch::Cuda::device_count().max(1) as usize);
     let device = match opts.device {
         DeviceChoice::Cpu => tch::Device::Cpu,
-        DeviceChoice::Auto => tch::Device::cuda_if_available(),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => {
-            tch::Device::Cuda(opts.group.local_rank() % tch::Cuda::device_count().max(1) as usize)
-        }
+        DeviceChoice::Auto | DeviceChoice::Cuda if tch::Cuda::is_available() => gpu,
+        DeviceChoice::Auto => tch::Device::Cpu,
         DeviceChoice::Cuda => return Err("--device cuda, but no CUDA device is available".into()),
     };
     let (backbones, rounds) = if opts.quick {
