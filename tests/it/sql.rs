@@ -255,6 +255,19 @@ fn find(plan: &Arc<dyn ExecutionPlan>, name: &str) -> Option<Arc<dyn ExecutionPl
         .find_map(|child| find(child, name))
 }
 
+/// `EXPLAIN sql` as printed text.
+async fn explain(ctx: &SessionContext, sql: &str) -> String {
+    let plan = query(ctx, &format!("EXPLAIN {sql}"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    arrow::util::pretty::pretty_format_batches(&plan)
+        .unwrap()
+        .to_string()
+}
+
 /// Runs `sql` and returns the counters of its patches scan: (opened, decoded, failed).
 async fn scan_counters(ctx: &SessionContext, sql: &str) -> (usize, usize, usize, usize) {
     let df = query(ctx, sql).await.unwrap();
@@ -315,18 +328,11 @@ fn filters_and_projections_reach_the_source_so_excluded_images_are_never_decoded
         let fg = scan_counters(&ctx, "SELECT count(*) FROM patches WHERE fg_fraction > 0.5").await;
         assert_eq!(fg, (5, 4, 1, 1));
         // EXPLAIN shows what reached the source.
-        let plan = query(
+        let text = explain(
             &ctx,
-            "EXPLAIN SELECT x FROM patches WHERE image_id = 'train/d' AND col = 1",
+            "SELECT x FROM patches WHERE image_id = 'train/d' AND col = 1",
         )
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-        let text = arrow::util::pretty::pretty_format_batches(&plan)
-            .unwrap()
-            .to_string();
+        .await;
         assert!(text.contains("PatchesExec"), "{text}");
         assert!(text.contains("read=geometry"), "{text}");
         assert!(text.contains("images=1 of 5"), "{text}");
@@ -408,15 +414,7 @@ fn the_scans_split_the_images_across_partitions_each_read_once() {
         assert_eq!(counted, (5, 0, 1, 4), "(opened, decoded, failed, rows)");
         let stats = scan_counters(&three, "SELECT avg(fg_fraction) FROM patches").await;
         assert_eq!(stats, (5, 4, 1, 1));
-        let plan = query(&three, "EXPLAIN SELECT count(*) FROM patches")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let text = arrow::util::pretty::pretty_format_batches(&plan)
-            .unwrap()
-            .to_string();
+        let text = explain(&three, "SELECT count(*) FROM patches").await;
         assert!(text.contains("partitions=3"), "{text}");
 
         // The images table reads headers in the same partitions: each image once.
