@@ -26,9 +26,18 @@ pub fn register(ctx: &SessionContext, storage: &StoreOptions, reported: &Reporte
     ctx.register_udtf("images", Arc::new(ImagesFunction(common.clone())));
     ctx.register_udtf("patches", Arc::new(PatchesFunction(common.clone())));
     ctx.register_udtf("latents", Arc::new(LatentsFunction(common)));
-    ctx.register_udf(ScalarUDF::new_from_impl(VectorNorm::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(CosineSimilarity::new()));
-    ctx.register_udf(ScalarUDF::new_from_impl(ByteLength::new()));
+    for udf in udfs() {
+        ctx.register_udf(udf.as_ref().clone());
+    }
+}
+
+/// patchgd's scalar UDFs (a cluster's scheduler and executors register them too).
+pub fn udfs() -> Vec<Arc<ScalarUDF>> {
+    vec![
+        Arc::new(ScalarUDF::new_from_impl(VectorNorm::new())),
+        Arc::new(ScalarUDF::new_from_impl(CosineSimilarity::new())),
+        Arc::new(ScalarUDF::new_from_impl(ByteLength::new())),
+    ]
 }
 
 #[derive(Clone, Debug)]

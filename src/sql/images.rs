@@ -38,9 +38,10 @@ use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
     PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
 };
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::patches::slices_by_bytes;
+use super::slices::{slice_source, slices_of};
 use super::{DataSet, pushdown, reads_only};
 use crate::source::inspect::{ImageInfo, InspectError, inspect};
 use crate::source::{Failure, ImageEntry};
@@ -78,7 +79,7 @@ fn listing_only(expr: &Expr) -> bool {
 
 #[derive(Debug)]
 pub struct ImagesTable {
-    data: DataSet,
+    pub(crate) data: DataSet,
     failures: Arc<Mutex<Vec<Failure>>>,
 }
 
@@ -198,6 +199,7 @@ impl TableProvider for ImagesTable {
             slices,
             projection.cloned(),
             self.failures.clone(),
+            None,
         )?))
     }
 }
@@ -276,15 +278,19 @@ struct HeaderCounters {
 /// The images table's header reads as a DataFusion leaf: partition `p` reads the headers of its
 /// slice of the images and yields their rows.
 pub struct ImagesExec {
-    data: DataSet,
-    location: Location,
-    entries: Vec<ImageEntry>,
+    pub(crate) data: DataSet,
+    pub(crate) location: Location,
+    pub(crate) entries: Vec<ImageEntry>,
     /// Images listed before the listing filters.
-    listed: usize,
+    pub(crate) listed: usize,
     /// Each partition's images: contiguous ranges of `entries`.
-    slices: Vec<Range<usize>>,
-    projection: Option<Vec<usize>>,
+    pub(crate) slices: Vec<Range<usize>>,
+    pub(crate) projection: Option<Vec<usize>>,
     failures: Arc<Mutex<Vec<Failure>>>,
+    /// Also log each failure (a cluster's executor: nobody collects `failures` there).
+    pub(crate) log_failures: bool,
+    /// The slice source ([`super::slices`]): partition `p` reads the slices it holds.
+    pub(crate) input: Arc<dyn ExecutionPlan>,
     metrics: ExecutionPlanMetricsSet,
     counters: HeaderCounters,
     properties: Arc<PlanProperties>,
@@ -297,7 +303,9 @@ impl fmt::Debug for ImagesExec {
 }
 
 impl ImagesExec {
-    fn new(
+    /// `input`: the slice source; `None` makes one of `slices`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
         data: DataSet,
         location: Location,
         entries: Vec<ImageEntry>,
@@ -305,7 +313,12 @@ impl ImagesExec {
         slices: Vec<Range<usize>>,
         projection: Option<Vec<usize>>,
         failures: Arc<Mutex<Vec<Failure>>>,
+        input: Option<Arc<dyn ExecutionPlan>>,
     ) -> Result<Self> {
+        let input = match input {
+            Some(input) => input,
+            None => slice_source(slices.len())?,
+        };
         let schema = match &projection {
             Some(p) => Arc::new(images_schema().project(p)?),
             None => images_schema(),
@@ -317,7 +330,7 @@ impl ImagesExec {
         };
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(slices.len()),
+            Partitioning::UnknownPartitioning(input.properties().partitioning.partition_count()),
             EmissionType::Final,
             Boundedness::Bounded,
         ));
@@ -329,6 +342,8 @@ impl ImagesExec {
             slices,
             projection,
             failures,
+            log_failures: false,
+            input,
             metrics,
             counters,
             properties,
@@ -344,7 +359,7 @@ impl DisplayAs for ImagesExec {
             self.data.images,
             self.entries.len(),
             self.listed,
-            self.slices.len()
+            self.properties.partitioning.partition_count()
         )
     }
 }
@@ -359,7 +374,12 @@ impl ExecutionPlan for ImagesExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
+        vec![&self.input]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        // The slice source's partitions are the scan's: never repartition it.
+        vec![false]
     }
 
     fn apply_expressions(
@@ -371,10 +391,24 @@ impl ExecutionPlan for ImagesExec {
 
     fn replace_children(
         self: Arc<Self>,
-        _: Vec<Arc<dyn ExecutionPlan>>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
         _: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
+        let (Some(input), true) = (children.pop(), children.is_empty()) else {
+            return datafusion::common::internal_err!("ImagesExec has one child, its slice source");
+        };
+        let mut scan = ImagesExec::new(
+            self.data.clone(),
+            self.location.clone(),
+            self.entries.clone(),
+            self.listed,
+            self.slices.clone(),
+            self.projection.clone(),
+            self.failures.clone(),
+            Some(input),
+        )?;
+        scan.log_failures = self.log_failures;
+        Ok(Arc::new(scan))
     }
 
     fn with_new_children(
@@ -390,29 +424,44 @@ impl ExecutionPlan for ImagesExec {
     fn execute(
         &self,
         partition: usize,
-        _context: Arc<TaskContext>,
+        context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let Some(slice) = self.slices.get(partition) else {
-            return datafusion::common::internal_err!(
-                "ImagesExec has {} partitions, asked for partition {partition}",
-                self.slices.len()
-            );
-        };
-        let entries = self.entries[slice.clone()].to_vec();
+        let (input, slices) = (self.input.clone(), self.slices.clone());
+        let entries = self.entries.clone();
         let location = self.location.clone();
         let cut = (self.data.stream.patch, self.data.stream.stride);
         let (failures, counters) = (self.failures.clone(), self.counters.clone());
+        let log_failures = self.log_failures;
         let projection = self.projection.clone();
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
         let stream = futures::stream::once(async move {
-            let batch = header_rows(&location, &entries, cut, &failures, &counters).await?;
-            let batch = match &projection {
-                Some(p) => batch.project(p)?,
-                None => batch,
-            };
-            output_rows.add(batch.num_rows());
-            Ok(batch)
-        });
+            let mine = slices_of(input, partition, context, slices.len()).await?;
+            let mut batches = Vec::with_capacity(mine.len());
+            for k in mine {
+                let before = failures.lock().unwrap().len();
+                let batch = header_rows(
+                    &location,
+                    &entries[slices[k].clone()],
+                    cut,
+                    &failures,
+                    &counters,
+                )
+                .await?;
+                if log_failures {
+                    failures.lock().unwrap()[before..]
+                        .iter()
+                        .for_each(super::patches::log_failure);
+                }
+                let batch = match &projection {
+                    Some(p) => batch.project(p)?,
+                    None => batch,
+                };
+                output_rows.add(batch.num_rows());
+                batches.push(Ok(batch));
+            }
+            Ok::<_, datafusion::error::DataFusionError>(futures::stream::iter(batches))
+        })
+        .try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.properties.eq_properties.schema().clone(),
             stream,

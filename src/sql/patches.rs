@@ -42,9 +42,10 @@ use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
     PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
 };
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::images::filter_entries;
+use super::slices::{slice_source, slices_of};
 use super::{DataSet, pushdown, reads_only};
 use crate::patch::{Cut, ImageKey, segment_batch};
 use crate::patch::{Grid, patch_schema};
@@ -118,10 +119,23 @@ fn cell_selector(expr: Arc<dyn PhysicalExpr>, channels: usize) -> CellSelector {
     }))
 }
 
+/// The cell selector of a pushed cell filter (a logical filter over the patch schema's geometry
+/// columns). Built where the scan runs: at planning here, on the executor on a cluster.
+pub(crate) fn cell_selector_for(filter: &Expr, channels: usize) -> Result<CellSelector> {
+    let df_schema = DFSchema::try_from(patch_schema().as_ref().clone())?;
+    let expr = datafusion::physical_expr::create_physical_expr(
+        filter,
+        &df_schema,
+        &datafusion::execution::context::ExecutionProps::new(),
+        &datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext::default(),
+    )?;
+    Ok(cell_selector(expr, channels))
+}
+
 /// The `patches` table of a data set.
 #[derive(Debug)]
 pub struct PatchesTable {
-    data: DataSet,
+    pub(crate) data: DataSet,
     /// Images that could not be read by any scan of this table (reported by `patchgd sql`).
     pub failures: Arc<Mutex<Vec<Failure>>>,
 }
@@ -181,11 +195,7 @@ impl TableProvider for PatchesTable {
         config.read = read_for(&schema, projection);
         config.drop_unselected = true;
         if let Some(f) = &cell_filter {
-            let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
-            config.select = Some(cell_selector(
-                state.create_physical_expr(f.clone(), &df_schema)?,
-                config.channels,
-            ));
+            config.select = Some(cell_selector_for(f, config.channels)?);
         }
         let projected = match projection {
             Some(p) => Arc::new(schema.project(p)?),
@@ -205,7 +215,7 @@ impl TableProvider for PatchesTable {
             [image_filter, cell_filter],
             self.failures.clone(),
             slices,
-        )))
+        )?))
     }
 }
 
@@ -236,19 +246,23 @@ pub fn slices_by_bytes(entries: &[ImageEntry], n: usize) -> Vec<Range<usize>> {
 /// The source stage as a DataFusion leaf: one partition per slice of the images, each with its
 /// patches in image order.
 pub struct PatchesExec {
-    data: DataSet,
-    images: crate::storage::Location,
-    entries: Vec<ImageEntry>,
+    pub(crate) data: DataSet,
+    pub(crate) images: crate::storage::Location,
+    pub(crate) entries: Vec<ImageEntry>,
     /// Each partition's images: contiguous ranges of `entries`.
-    slices: Vec<Range<usize>>,
-    listed: usize,
+    pub(crate) slices: Vec<Range<usize>>,
+    pub(crate) listed: usize,
     /// Failures known before streaming (objects without a label).
-    listing_failures: Vec<Failure>,
-    config: crate::source::StreamConfig,
-    projection: Option<Vec<usize>>,
-    schema: SchemaRef,
-    pushed: [Option<Expr>; 2],
+    pub(crate) listing_failures: Vec<Failure>,
+    pub(crate) config: crate::source::StreamConfig,
+    pub(crate) projection: Option<Vec<usize>>,
+    pub(crate) schema: SchemaRef,
+    pub(crate) pushed: [Option<Expr>; 2],
     failures: Arc<Mutex<Vec<Failure>>>,
+    /// Also log each failure (a cluster's executor: nobody collects `failures` there).
+    pub(crate) log_failures: bool,
+    /// The slice source ([`super::slices`]): partition `p` reads the slices it holds.
+    pub(crate) input: Arc<dyn ExecutionPlan>,
     metrics: ExecutionPlanMetricsSet,
     failed: Count,
     properties: Arc<PlanProperties>,
@@ -274,12 +288,46 @@ impl PatchesExec {
         pushed: [Option<Expr>; 2],
         failures: Arc<Mutex<Vec<Failure>>>,
         slices: Vec<Range<usize>>,
-    ) -> Self {
-        let metrics = ExecutionPlanMetricsSet::new();
+    ) -> Result<Self> {
         // The byte budget and the decode workers are the scan's: each partition's stage gets
         // its share (at least one worker), so N partitions decode max(workers, N) images at once.
         config.buffer_bytes = (config.buffer_bytes / slices.len()).max(1 << 20);
         config.decode_workers = (config.decode_workers / slices.len()).max(1);
+        let input = slice_source(slices.len())?;
+        Ok(Self::with_stage_config(
+            data,
+            images,
+            entries,
+            listed,
+            listing_failures,
+            config,
+            projection,
+            schema,
+            pushed,
+            failures,
+            slices,
+            input,
+        ))
+    }
+
+    /// A scan whose `config` is already one partition's stage (its share of bytes and workers):
+    /// how a cluster's executor rebuilds the scan it receives.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_stage_config(
+        data: DataSet,
+        images: crate::storage::Location,
+        entries: Vec<ImageEntry>,
+        listed: usize,
+        listing_failures: Vec<Failure>,
+        mut config: crate::source::StreamConfig,
+        projection: Option<Vec<usize>>,
+        schema: SchemaRef,
+        pushed: [Option<Expr>; 2],
+        failures: Arc<Mutex<Vec<Failure>>>,
+        slices: Vec<Range<usize>>,
+        input: Arc<dyn ExecutionPlan>,
+    ) -> Self {
+        let metrics = ExecutionPlanMetricsSet::new();
         config.counters = SourceCounters {
             opened: MetricBuilder::new(&metrics).global_counter("images_opened"),
             decoded: MetricBuilder::new(&metrics).global_counter("images_decoded"),
@@ -287,7 +335,7 @@ impl PatchesExec {
         let failed = MetricBuilder::new(&metrics).global_counter("images_failed");
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(slices.len()),
+            Partitioning::UnknownPartitioning(input.properties().partitioning.partition_count()),
             EmissionType::Incremental,
             Boundedness::Bounded,
         ));
@@ -303,10 +351,32 @@ impl PatchesExec {
             schema,
             pushed,
             failures,
+            log_failures: false,
+            input,
             metrics,
             failed,
             properties,
         }
+    }
+
+    /// This scan over another slice source (a task's share of the slices, on a cluster).
+    fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Self {
+        let mut scan = Self::with_stage_config(
+            self.data.clone(),
+            self.images.clone(),
+            self.entries.clone(),
+            self.listed,
+            self.listing_failures.clone(),
+            self.config.clone(),
+            self.projection.clone(),
+            self.schema.clone(),
+            self.pushed.clone(),
+            self.failures.clone(),
+            self.slices.clone(),
+            input,
+        );
+        scan.log_failures = self.log_failures;
+        scan
     }
 }
 
@@ -325,7 +395,7 @@ impl DisplayAs for PatchesExec {
             self.config.stride,
             self.entries.len(),
             self.listed,
-            self.slices.len()
+            self.properties.partitioning.partition_count()
         )?;
         if let Some(e) = &self.pushed[0] {
             write!(f, ", image_filter=[{e}]")?;
@@ -347,7 +417,12 @@ impl ExecutionPlan for PatchesExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
+        vec![&self.input]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        // The slice source's partitions are the scan's: never repartition it.
+        vec![false]
     }
 
     fn apply_expressions(
@@ -359,10 +434,13 @@ impl ExecutionPlan for PatchesExec {
 
     fn replace_children(
         self: Arc<Self>,
-        _: Vec<Arc<dyn ExecutionPlan>>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
         _: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
+        match (children.pop(), children.is_empty()) {
+            (Some(input), true) => Ok(Arc::new(self.with_input(input))),
+            _ => datafusion::common::internal_err!("PatchesExec has one child, its slice source"),
+        }
     }
 
     fn with_new_children(
@@ -378,17 +456,12 @@ impl ExecutionPlan for PatchesExec {
     fn execute(
         &self,
         partition: usize,
-        _context: Arc<TaskContext>,
+        context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let Some(slice) = self.slices.get(partition) else {
-            return datafusion::common::internal_err!(
-                "PatchesExec has {} partitions, asked for partition {partition}",
-                self.slices.len()
-            );
-        };
+        let slices = self.slices.clone();
         let (images, entries, config) = (
             self.images.clone(),
-            self.entries[slice.clone()].to_vec(),
+            self.entries.clone(),
             self.config.clone(),
         );
         let (projection, failures, failed) = (
@@ -396,43 +469,36 @@ impl ExecutionPlan for PatchesExec {
             self.failures.clone(),
             self.failed.clone(),
         );
-        // Objects that failed before any partition (no label) count once.
-        if partition == 0 {
-            failed.add(self.listing_failures.len());
-        }
+        let (log_failures, listing_failures) = (self.log_failures, self.listing_failures.clone());
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
+        let input = self.input.clone();
         // Started on first poll, inside the runtime that drives the query.
         let stream = futures::stream::once(async move {
-            futures::stream::unfold(stream_images(images, entries, config), move |mut rx| {
-                let (projection, failures, failed, output_rows) = (
-                    projection.clone(),
-                    failures.clone(),
-                    failed.clone(),
-                    output_rows.clone(),
-                );
-                async move {
-                    loop {
-                        match rx.recv().await? {
-                            SourceItem::Batch(b) => {
-                                let batch = match &projection {
-                                    Some(p) => b.batch.project(p).map_err(Into::into),
-                                    None => Ok(b.batch),
-                                };
-                                if let Ok(b) = &batch {
-                                    output_rows.add(b.num_rows());
-                                }
-                                return Some((batch, rx));
-                            }
-                            SourceItem::Failed(f) => {
-                                failed.add(1);
-                                failures.lock().unwrap().push(f);
-                            }
-                        }
+            let mine = slices_of(input, partition, context, slices.len()).await?;
+            let streams = mine.into_iter().map(move |k| {
+                // Objects that failed before any partition (no label) count once: with slice 0.
+                if k == 0 {
+                    failed.add(listing_failures.len());
+                    if log_failures {
+                        listing_failures.iter().for_each(log_failure);
                     }
                 }
-            })
+                let slice = SliceRead {
+                    projection: projection.clone(),
+                    failures: failures.clone(),
+                    failed: failed.clone(),
+                    output_rows: output_rows.clone(),
+                    log_failures,
+                };
+                slice.stream(
+                    images.clone(),
+                    entries[slices[k].clone()].to_vec(),
+                    config.clone(),
+                )
+            });
+            Ok::<_, datafusion::error::DataFusionError>(futures::stream::iter(streams).flatten())
         })
-        .flatten();
+        .try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             stream,
@@ -442,6 +508,64 @@ impl ExecutionPlan for PatchesExec {
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
     }
+}
+
+/// Where one slice's patches and failures go.
+#[derive(Clone)]
+struct SliceRead {
+    projection: Option<Vec<usize>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
+    failed: Count,
+    output_rows: Count,
+    log_failures: bool,
+}
+
+impl SliceRead {
+    /// One source stage over `entries`: its patch batches (projected), failures counted aside.
+    fn stream(
+        self,
+        images: crate::storage::Location,
+        entries: Vec<ImageEntry>,
+        config: crate::source::StreamConfig,
+    ) -> impl futures::Stream<Item = Result<RecordBatch>> + Send {
+        futures::stream::unfold(stream_images(images, entries, config), move |mut rx| {
+            let this = self.clone();
+            async move {
+                loop {
+                    match rx.recv().await? {
+                        SourceItem::Batch(b) => {
+                            let batch = match &this.projection {
+                                Some(p) => b.batch.project(p).map_err(Into::into),
+                                None => Ok(b.batch),
+                            };
+                            if let Ok(b) = &batch {
+                                this.output_rows.add(b.num_rows());
+                            }
+                            return Some((batch, rx));
+                        }
+                        SourceItem::Failed(f) => {
+                            this.failed.add(1);
+                            if this.log_failures {
+                                log_failure(&f);
+                            }
+                            this.failures.lock().unwrap().push(f);
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// A failure where no caller collects them (a cluster's executor): the log names the image.
+pub(crate) fn log_failure(f: &Failure) {
+    tracing::warn!(
+        image_id = %f.image_id,
+        url = %f.url,
+        stage = %f.stage,
+        "image not read: {}",
+        f.message
+    );
 }
 
 #[cfg(test)]

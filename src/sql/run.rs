@@ -9,13 +9,17 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatchReader;
 use datafusion::catalog::TableProvider;
-use datafusion::catalog::streaming::StreamingTable;
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+};
 use datafusion::prelude::SessionContext;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -120,12 +124,17 @@ pub async fn latents_table(
             .await
             .map_err(|e| ext(format!("checkpoints under '{root_url}': {e}")))?;
         if let Some(loaded) = loaded {
-            let source = LatentFile::open(Arc::new(loaded))?;
-            let schema = source.schema.clone();
-            return Ok(Arc::new(StreamingTable::try_new(
+            let file = LatentFile {
+                root: root_url,
+                step: loaded.manifest.step,
+                storage: storage.clone(),
+                loaded: tokio::sync::OnceCell::new_with(Some(Arc::new(loaded))),
+            };
+            let schema = file.read_schema().await?;
+            return Ok(Arc::new(LatentsTable {
+                file: Arc::new(file),
                 schema,
-                vec![Arc::new(source)],
-            )?));
+            }));
         }
     }
     Err(ext(format!(
@@ -133,50 +142,215 @@ pub async fn latents_table(
     )))
 }
 
-/// The latents file of a loaded checkpoint, read one batch at a time on every scan.
+/// The `latents.arrow` of one checkpoint (a checkpoint root and a step), loaded once, when
+/// first needed: at planning on the machine that finds the checkpoint, at execution on a
+/// cluster's executor that receives the scan.
 #[derive(Debug)]
-struct LatentFile {
-    loaded: Arc<Loaded>,
-    schema: SchemaRef,
+pub struct LatentFile {
+    /// The checkpoint root's URL.
+    pub root: String,
+    pub step: u64,
+    pub storage: StoreOptions,
+    loaded: tokio::sync::OnceCell<Arc<Loaded>>,
 }
 
 impl LatentFile {
-    fn open(loaded: Arc<Loaded>) -> Result<Self> {
-        let path = loaded
-            .path("latents.arrow")
-            .ok_or_else(|| ext("the checkpoint has no latents.arrow".into()))?;
-        let reader = StreamReader::try_new(File::open(&path)?, None)?;
+    /// The file of the checkpoint at `step` under `root`, not read yet.
+    pub fn new(root: String, step: u64, storage: StoreOptions) -> Self {
+        Self {
+            root,
+            step,
+            storage,
+            loaded: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The local copy of `latents.arrow`, reading and verifying the checkpoint the first time.
+    async fn path(&self) -> Result<std::path::PathBuf> {
+        let loaded = self
+            .loaded
+            .get_or_try_init(|| async {
+                let root = Location::parse_with(&self.root, &self.storage)
+                    .map_err(|e| ext(format!("checkpoint root '{}': {e}", self.root)))?;
+                checkpoint::read(&root, self.step)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        ext(format!(
+                            "checkpoint {} under '{}': {e}",
+                            self.step, self.root
+                        ))
+                    })
+            })
+            .await?;
+        loaded.path("latents.arrow").ok_or_else(|| {
+            ext(format!(
+                "checkpoint {} under '{}' has no latents.arrow",
+                self.step, self.root
+            ))
+        })
+    }
+
+    async fn read_schema(&self) -> Result<SchemaRef> {
+        let reader = StreamReader::try_new(File::open(self.path().await?)?, None)?;
+        Ok(reader.schema())
+    }
+
+    /// Every batch of the file, one at a time, projected.
+    fn stream(
+        self: Arc<Self>,
+        schema: SchemaRef,
+        projection: Option<Vec<usize>>,
+    ) -> SendableRecordBatchStream {
+        let stream = futures::stream::once(async move {
+            let path = self.path().await?;
+            let reader = StreamReader::try_new(File::open(&path)?, None)?;
+            // The reader keeps the checkpoint's temporary directory (in `self`) alive.
+            let batches = reader.map(move |b| {
+                let _keep = &self;
+                let b = b?;
+                Ok(match &projection {
+                    Some(p) => b.project(p)?,
+                    None => b,
+                })
+            });
+            Ok::<_, DataFusionError>(futures::stream::iter(batches))
+        })
+        .try_flatten();
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+/// The `latents` table: one checkpoint's latent store, streamed on every scan.
+#[derive(Debug)]
+pub struct LatentsTable {
+    pub file: Arc<LatentFile>,
+    pub schema: SchemaRef,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for LatentsTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(LatentsExec::new(
+            self.file.clone(),
+            self.schema.clone(),
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// A scan of a [`LatentFile`]: one partition, batches in file order.
+#[derive(Debug)]
+pub struct LatentsExec {
+    pub file: Arc<LatentFile>,
+    /// The whole file's schema.
+    pub table_schema: SchemaRef,
+    pub projection: Option<Vec<usize>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl LatentsExec {
+    pub fn new(
+        file: Arc<LatentFile>,
+        table_schema: SchemaRef,
+        projection: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(table_schema.project(p)?),
+            None => table_schema.clone(),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
         Ok(Self {
-            schema: reader.schema(),
-            loaded,
+            file,
+            table_schema,
+            projection,
+            properties,
         })
     }
 }
 
-impl PartitionStream for LatentFile {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let loaded = self.loaded.clone();
-        let path = loaded.path("latents.arrow").expect("checked at open");
-        let reader = File::open(&path)
-            .map_err(DataFusionError::from)
-            .and_then(|f| StreamReader::try_new(f, None).map_err(Into::into));
-        let stream = match reader {
-            Err(e) => futures::stream::iter(vec![Err(e)]).left_stream(),
-            Ok(reader) => {
-                // The reader keeps the checkpoint's temporary directory alive while it runs.
-                let batches = reader.map(move |b| {
-                    let _keep = &loaded;
-                    b.map_err(DataFusionError::from)
-                });
-                futures::stream::iter(batches).right_stream()
-            }
-        };
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+impl DisplayAs for LatentsExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "LatentsExec: checkpoint={} under {}",
+            self.file.step, self.file.root
+        )
     }
 }
 
-use futures::StreamExt as _;
+impl ExecutionPlan for LatentsExec {
+    fn name(&self) -> &'static str {
+        "LatentsExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return datafusion::common::internal_err!(
+                "LatentsExec has 1 partition, asked for partition {partition}"
+            );
+        }
+        Ok(self.file.clone().stream(
+            self.properties.eq_properties.schema().clone(),
+            self.projection.clone(),
+        ))
+    }
+}
+
+use futures::TryStreamExt as _;
