@@ -4,6 +4,7 @@
 /// The command line's own modules (the library has none of this).
 mod cli {
     pub mod bench;
+    pub mod cluster;
     pub mod inspect;
     pub mod predict;
     pub mod progress;
@@ -62,6 +63,10 @@ enum Command {
     /// Query images, patches, latents and run results with SQL (docs/sql.md). Without a query:
     /// an interactive prompt with history.
     Sql(cli::sql::SqlArgs),
+    /// Start a Ballista scheduler that runs patchgd's SQL on executors (docs/cluster.md).
+    Scheduler(cli::cluster::SchedulerArgs),
+    /// Start a Ballista executor with patchgd's tables; it registers with a scheduler.
+    Executor(cli::cluster::ExecutorArgs),
 }
 
 fn main() -> Result<()> {
@@ -107,5 +112,7 @@ fn main() -> Result<()> {
         Command::Predict(args) => cli::predict::run(args),
         Command::Sql(args) => cli::sql::run(args),
         Command::Bench(args) => cli::bench::run(args, group),
+        Command::Scheduler(args) => cli::cluster::scheduler(args),
+        Command::Executor(args) => cli::cluster::executor(args),
     }
 }

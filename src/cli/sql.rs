@@ -41,10 +41,17 @@ pub struct SqlArgs {
     /// Write the result to this file instead of stdout.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Run on a Ballista cluster: its scheduler as df://HOST:PORT (docs/cluster.md).
+    #[arg(long, value_name = "df://HOST:PORT")]
+    pub cluster: Option<String>,
+    /// Partitions per scan; default: the cores here (on a cluster, set it to the tasks the
+    /// executors run at once).
+    #[arg(long)]
+    pub partitions: Option<usize>,
 }
 
 pub fn run(args: SqlArgs) -> Result<()> {
-    use patchgd::sql::{DataSet, Sources, register, session, shell};
+    use patchgd::sql::{DataSet, Sources, register, session_with_partitions, shell};
     let mut storage = StoreOptions::from_pairs(&args.storage)?;
     let mut sources = Sources::default();
     if let Some(path) = &args.pipeline {
@@ -73,7 +80,17 @@ pub fn run(args: SqlArgs) -> Result<()> {
     }
     sources.storage = storage;
     let rt = tokio::runtime::Runtime::new()?;
-    let ctx = session();
+    let partitions = args
+        .partitions
+        .unwrap_or_else(patchgd::sql::default_partitions);
+    let ctx = match &args.cluster {
+        None => session_with_partitions(partitions),
+        Some(url) => {
+            // Ballista's client warnings (a retried fetch, a lost executor) are worth seeing.
+            super::cluster::show_ballista_log(log::LevelFilter::Warn);
+            rt.block_on(patchgd::sql::cluster::connect(url, partitions))?
+        }
+    };
     let reported = rt.block_on(register(&ctx, &sources))?;
     let wants_latents = args.query.as_ref().is_none_or(|q| q.contains("latents"));
     if let Some(run) = &sources.run

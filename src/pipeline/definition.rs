@@ -62,6 +62,10 @@ pub struct Definition {
     /// `image_id` (whole images) or `image_id, row, col` (patches). docs/sql.md.
     #[serde(default)]
     pub select: Option<String>,
+    /// Run `select:` on a Ballista cluster (`df://HOST:PORT`, docs/cluster.md) instead of
+    /// in this process.
+    #[serde(default)]
+    pub select_cluster: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

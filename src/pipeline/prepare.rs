@@ -128,7 +128,11 @@ fn apply_select(
     rt: &Runtime,
 ) -> Result<usize, RunError> {
     let selection = rt
-        .block_on(crate::sql::select::run(&def.data_set(), sql))
+        .block_on(crate::sql::select::run_on(
+            def.select_cluster.as_deref(),
+            &def.data_set(),
+            sql,
+        ))
         .map_err(RunError::Select)?;
     let listed: BTreeSet<String> = catalog.images.iter().map(|e| e.image_id.clone()).collect();
     let failures: Vec<_> = selection

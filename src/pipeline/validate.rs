@@ -35,6 +35,20 @@ impl Definition {
         {
             return bad("select", e.to_string());
         }
+        if let Some(url) = &self.select_cluster {
+            if self.select.is_none() {
+                return bad(
+                    "select_cluster",
+                    "is set but there is no select: query to run",
+                );
+            }
+            if !url.starts_with("df://") {
+                return bad(
+                    "select_cluster",
+                    format!("is '{url}'; expected a scheduler as df://HOST:PORT"),
+                );
+            }
+        }
         if self.patch.stride == Some(0) {
             return bad("patch.stride", "must be a positive number of pixels");
         }

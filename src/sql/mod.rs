@@ -13,6 +13,7 @@
 //! read-only: [`query`] refuses DDL, DML, COPY and other statements with a clear message.
 
 pub mod adapter;
+pub mod cluster;
 pub mod functions;
 pub mod images;
 pub mod patches;
@@ -20,6 +21,7 @@ pub mod run;
 pub mod select;
 #[cfg(feature = "cli")]
 pub mod shell;
+pub mod slices;
 
 use std::sync::{Arc, Mutex};
 
@@ -109,11 +111,14 @@ impl Reported {
 /// A session for patchgd queries: as many partitions as cores (a `patches` scan runs that many
 /// source stages over slices of the images), and information_schema for `SHOW TABLES`.
 pub fn session() -> SessionContext {
-    session_with_partitions(
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-    )
+    session_with_partitions(default_partitions())
+}
+
+/// Partitions per scan by default: one per core.
+pub fn default_partitions() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// [`session`] with `partitions` partitions per scan (1: one source stage, patches in listing

@@ -67,8 +67,16 @@ pub async fn plan(
     data: &DataSet,
     sql: &str,
 ) -> Result<(datafusion::prelude::DataFrame, super::Reported), DataFusionError> {
+    plan_in(session(), data, sql).await
+}
+
+/// [`plan`] in `ctx` (a local session, or one connected to a cluster).
+pub async fn plan_in(
+    ctx: datafusion::prelude::SessionContext,
+    data: &DataSet,
+    sql: &str,
+) -> Result<(datafusion::prelude::DataFrame, super::Reported), DataFusionError> {
     check_query(sql)?;
-    let ctx = session();
     let reported = register(
         &ctx,
         &Sources {
@@ -93,7 +101,24 @@ pub async fn plan(
 
 /// Run a `select:` query and collect what it chose.
 pub async fn run(data: &DataSet, sql: &str) -> Result<Selection, DataFusionError> {
-    let (df, reported) = plan(data, sql).await?;
+    run_on(None, data, sql).await
+}
+
+/// [`run`], on the Ballista cluster whose scheduler is at `cluster` (`df://HOST:PORT`) when
+/// given. On a cluster, images that cannot be read are logged by the executor that met them
+/// and are not in [`Selection::failures`]: the query does not choose them.
+pub async fn run_on(
+    cluster: Option<&str>,
+    data: &DataSet,
+    sql: &str,
+) -> Result<Selection, DataFusionError> {
+    let ctx = match cluster {
+        None => session(),
+        Some(url) => super::cluster::connect(url, super::default_partitions())
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?,
+    };
+    let (df, reported) = plan_in(ctx, data, sql).await?;
     let schema = df.schema().clone();
     let has = |n: &str| schema.field_with_unqualified_name(n).is_ok();
     let by_cell = has("row") && has("col");

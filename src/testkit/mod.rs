@@ -11,11 +11,13 @@
 //! Each server is stopped when its handle is dropped.
 
 mod azurite;
+mod cluster;
 mod gcs;
 mod http;
 mod s3;
 
 pub use azurite::AzuriteServer;
+pub use cluster::LocalCluster;
 pub use gcs::GcsServer;
 pub use http::HttpServer;
 pub use s3::S3Server;
