@@ -10,14 +10,24 @@
 //! Then the statistics query again with one partition per core (the scan split into slices of
 //! the images, one source stage each) against one partition, with the same result.
 //!
+//! Then on a Ballista cluster of local processes (one executor, then one per core), and the
+//! cost of a query's plans on the wire (encoded and decoded by patchgd's codecs).
+//!
 //! `scripts/bench` runs it in full; under `cargo test` it runs 20 images as a smoke test.
 
 use std::time::Instant;
 
 use arrow::record_batch::RecordBatch;
+use datafusion_proto::bytes::{
+    logical_plan_from_bytes_with_extension_codec, logical_plan_to_bytes_with_extension_codec,
+    physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
+};
+use patchgd::sql::cluster::codec::{LogicalCodec, PhysicalCodec};
+use patchgd::sql::cluster::connect;
 use patchgd::sql::{Sources, register, session_with_partitions};
 use patchgd::storage::Location;
 use patchgd::synth::{ImageFormat, Recipe, write_ultramnist};
+use patchgd::testkit::LocalCluster;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -138,4 +148,61 @@ fn main() {
         images as f64 / many
     );
     println!("{cores} partitions / 1: {:.2}x the speed", one / many);
+
+    // The same query on a Ballista cluster of this machine's processes: one executor running
+    // `cores` tasks, then `cores` executors of one task each (docs/cluster.md).
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_patchgd"));
+    println!(
+        "\n| statistics query on a cluster | median s | images/s | vs local partitioned |\n|---|---|---|---|"
+    );
+    for executors in [1, cores.max(2)] {
+        let cluster = LocalCluster::start(bin, executors, (cores / executors).max(1), 30).unwrap();
+        let remote = rt.block_on(connect(&cluster.url, cores)).unwrap();
+        rt.block_on(register(&remote, &Sources::default())).unwrap();
+        let (t, rows) = sorted(&remote);
+        assert_eq!(
+            text(&rows),
+            text(&one_rows),
+            "the cluster's answer is the local one"
+        );
+        println!(
+            "| {executors} executor(s) x {} task(s) | {t:.2} | {:.0} | {:.2}x |",
+            (cores / executors).max(1),
+            images as f64 / t,
+            many / t
+        );
+    }
+
+    // What a query costs on the wire: its logical plan (client to scheduler) and its physical
+    // plan (scheduler to executors, the scan carrying its images) encoded and decoded.
+    let (logical_bytes, physical_bytes, seconds) = rt.block_on(async {
+        let df = split.sql(&sql).await.unwrap();
+        let logical = df.clone().into_optimized_plan().unwrap();
+        let physical = df.create_physical_plan().await.unwrap();
+        let task = split.task_ctx();
+        let mut times = Vec::new();
+        let (mut lb, mut pb) = (0, 0);
+        for _ in 0..20 {
+            let started = Instant::now();
+            let l = logical_plan_to_bytes_with_extension_codec(&logical, &LogicalCodec::default())
+                .unwrap();
+            logical_plan_from_bytes_with_extension_codec(&l, &task, &LogicalCodec::default())
+                .unwrap();
+            let p = physical_plan_to_bytes_with_extension_codec(
+                physical.clone(),
+                &PhysicalCodec::default(),
+            )
+            .unwrap();
+            physical_plan_from_bytes_with_extension_codec(&p, &task, &PhysicalCodec::default())
+                .unwrap();
+            times.push(started.elapsed().as_secs_f64());
+            (lb, pb) = (l.len(), p.len());
+        }
+        times.sort_by(f64::total_cmp);
+        (lb, pb, times[times.len() / 2])
+    });
+    println!(
+        "plan serialisation (encode + decode, logical {logical_bytes} B + physical {physical_bytes} B for {images} images): {:.2} ms median of 20",
+        seconds * 1e3
+    );
 }

@@ -3,6 +3,7 @@
 mod architecture;
 mod bench;
 mod checkpoints;
+mod cluster;
 mod common;
 #[cfg(feature = "mpi")]
 mod distributed;

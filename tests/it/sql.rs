@@ -40,7 +40,7 @@ pub struct Fixture {
 
 pub const PATCH: usize = 32;
 
-fn fixture() -> &'static Fixture {
+pub(crate) fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -119,7 +119,7 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-fn data_set(f: &Fixture) -> DataSet {
+pub(crate) fn data_set(f: &Fixture) -> DataSet {
     let mut data = DataSet::new(&f.images, PATCH);
     data.labels = Some(f.labels.clone());
     data.stream.channels = 1;
@@ -131,7 +131,7 @@ async fn context(f: &Fixture) -> SessionContext {
 }
 
 /// `ctx` with the fixture's tables and run registered.
-async fn context_in(f: &Fixture, ctx: SessionContext) -> SessionContext {
+pub(crate) async fn context_in(f: &Fixture, ctx: SessionContext) -> SessionContext {
     register(
         &ctx,
         &Sources {
@@ -150,6 +150,8 @@ async fn context_in(f: &Fixture, ctx: SessionContext) -> SessionContext {
 struct PatchgdDb {
     ctx: SessionContext,
     data: DataSet,
+    /// The cluster the session runs on (`df://HOST:PORT`), if any: `select:` runs there too.
+    cluster: Option<String>,
 }
 
 fn cell(array: &dyn Array, row: usize) -> String {
@@ -182,7 +184,15 @@ impl sqllogictest::AsyncDB for PatchgdDb {
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DataFusionError> {
         let df = match sql.trim_start().strip_prefix("-- as select:") {
-            Some(q) => select::plan(&self.data, q.trim()).await?.0,
+            Some(q) => match &self.cluster {
+                None => select::plan(&self.data, q.trim()).await?.0,
+                Some(url) => {
+                    let ctx = patchgd::sql::cluster::connect(url, 2)
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    select::plan_in(ctx, &self.data, q.trim()).await?.0
+                }
+            },
             None => query(&self.ctx, sql).await?,
         };
         let schema = df.schema().as_arrow().clone();
@@ -217,6 +227,12 @@ fn slt_files() -> Vec<PathBuf> {
 
 #[test]
 fn sqllogictest_files_pin_the_sql_surface() {
+    run_slt_files(None);
+}
+
+/// Run every tests/sql/*.slt file in a local session, or in sessions on the cluster at
+/// `cluster`: the same files, the same expected results.
+pub(crate) fn run_slt_files(cluster: Option<&str>) {
     let f = fixture();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let files = slt_files();
@@ -224,12 +240,20 @@ fn sqllogictest_files_pin_the_sql_surface() {
     for file in files {
         let images = f.images.clone();
         let data = data_set(f);
+        let cluster = cluster.map(str::to_string);
         let mut runner = sqllogictest::Runner::new(|| {
-            let data = data.clone();
+            let (data, cluster) = (data.clone(), cluster.clone());
             async move {
+                let ctx = match &cluster {
+                    None => session(),
+                    Some(url) => patchgd::sql::cluster::connect(url, 2)
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?,
+                };
                 Ok::<_, DataFusionError>(PatchgdDb {
-                    ctx: context(fixture()).await,
+                    ctx: context_in(fixture(), ctx).await,
                     data,
+                    cluster,
                 })
             }
         });
@@ -240,7 +264,11 @@ fn sqllogictest_files_pin_the_sql_surface() {
         let svs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/CMU-1-Small-Region.svs");
         runner.set_var("SVS".into(), svs.to_str().unwrap().into());
         if let Err(e) = rt.block_on(runner.run_file_async(&file)) {
-            panic!("{}: {e}", file.display());
+            panic!(
+                "{} ({}): {e}",
+                file.display(),
+                cluster.as_deref().unwrap_or("local")
+            );
         }
     }
 }
