@@ -81,6 +81,8 @@ fn listing_only(expr: &Expr) -> bool {
 pub struct ImagesTable {
     pub(crate) data: DataSet,
     failures: Arc<Mutex<Vec<Failure>>>,
+    /// Also log the listing's failures (a cluster's scheduler: nobody collects `failures`).
+    pub(crate) log_failures: bool,
 }
 
 impl ImagesTable {
@@ -89,7 +91,11 @@ impl ImagesTable {
     }
 
     pub fn with_failures(data: DataSet, failures: Arc<Mutex<Vec<Failure>>>) -> Self {
-        Self { data, failures }
+        Self {
+            data,
+            failures,
+            log_failures: false,
+        }
     }
 }
 
@@ -166,6 +172,9 @@ impl TableProvider for ImagesTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let (loc, entries, failures) = self.data.entries().await?;
+        if self.log_failures {
+            failures.iter().for_each(super::patches::log_failure);
+        }
         self.failures.lock().unwrap().extend(failures);
         let listed = entries.len();
         let filter = conjunction(filters.iter().filter(|f| listing_only(f)).cloned());

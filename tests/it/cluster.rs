@@ -20,7 +20,11 @@ use patchgd::sql::{DataSet, Sources, query, register, session_with_partitions};
 use patchgd::storage::Location;
 use patchgd::testkit::LocalCluster;
 
-use crate::sql::{context_in, fixture, run_slt_files};
+use patchgd::pipeline::{Definition, RunOptions, run_with};
+use patchgd::sql::select;
+
+use crate::common::pipeline_yaml;
+use crate::sql::{context_in, data_set, fixture, run_slt_files};
 
 /// Rows of `batches` as printed, sorted (partitions interleave rows of unordered queries).
 fn sorted_rows(batches: &[arrow::record_batch::RecordBatch]) -> Vec<String> {
@@ -202,6 +206,62 @@ fn a_scheduler_and_two_executors_answer_like_the_local_session() {
             );
         }
     });
+    // A pipeline's `select:` on the cluster chooses what the local one chooses.
+    rt.block_on(async {
+        let sql = "SELECT image_id FROM images WHERE format = 'PNG' AND split = 'train'";
+        let local = select::run(&data_set(f), sql).await.unwrap();
+        let remote = select::run_on(Some(&cluster.url), &data_set(f), sql)
+            .await
+            .unwrap();
+        assert_eq!(remote.images, local.images);
+        assert_eq!(remote.images.len(), 2, "train/a and train/b");
+        let cells =
+            "SELECT image_id, row, col FROM patches WHERE image_id = 'train/d' AND row = col";
+        let local = select::run(&data_set(f), cells).await.unwrap();
+        let remote = select::run_on(Some(&cluster.url), &data_set(f), cells)
+            .await
+            .unwrap();
+        assert_eq!(remote.cells, local.cells);
+        assert_eq!(
+            remote.cells.unwrap()["train/d"].len(),
+            4,
+            "the diagonal of a 4 x 4 grid"
+        );
+    });
+    // A whole pipeline whose `select:` runs on the cluster (training stays here). The image that
+    // cannot be read fails on an executor, so the query does not choose it: it is left out, not
+    // counted as failed as a local `select:` counts it (docs/cluster.md, "Failures").
+    let out = tempfile::tempdir().unwrap();
+    let yaml = pipeline_yaml(
+        &f.images,
+        &f.labels,
+        out.path().to_str().unwrap(),
+        crate::sql::PATCH,
+        1,
+        &format!(
+            "select: SELECT image_id FROM images WHERE format = 'PNG'\nselect_cluster: {}\n",
+            cluster.url
+        ),
+    );
+    let def = Definition::from_yaml(&yaml, "cluster-select.yaml").unwrap();
+    let summary = run_with(
+        &def,
+        &RunOptions {
+            fresh: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            summary.train_images,
+            summary.val_images,
+            summary.images_failed,
+            summary.images_deselected
+        ),
+        (2, 1, 0, 2),
+        "a, b, c chosen; d and broken left out"
+    );
     // The broken image was read on an executor: its log names it.
     let logs = cluster.log("executor0.err") + &cluster.log("executor1.err");
     assert!(

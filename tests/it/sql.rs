@@ -541,6 +541,26 @@ fn select_refuses_what_is_not_a_query_when_the_pipeline_is_read() {
         err.contains("select") && err.contains("must be a query"),
         "{err}"
     );
+    // `select_cluster:` names a scheduler, and needs a `select:` to run there.
+    for (extra, expected) in [
+        (
+            "select: SELECT image_id FROM images\nselect_cluster: http://host:50050\n",
+            "expected a scheduler as df://HOST:PORT",
+        ),
+        (
+            "select_cluster: df://host:50050\n",
+            "there is no select: query to run",
+        ),
+    ] {
+        let yaml = pipeline_yaml(&f.images, &f.labels, "/tmp/unused", PATCH, 1, extra);
+        let err = Definition::from_yaml(&yaml, "bad-cluster.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("select_cluster") && err.contains(expected),
+            "{err}"
+        );
+    }
 }
 
 /// The interactive prompt in a real pseudo-terminal: type a query, read the table off the

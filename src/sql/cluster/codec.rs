@@ -444,7 +444,13 @@ impl LogicalExtensionCodec for LogicalCodec {
         };
         Ok(match node {
             Node::PatchesTable { data } => Arc::new(PatchesTable::new(data.data_set()?)),
-            Node::ImagesTable { data } => Arc::new(ImagesTable::new(data.data_set()?)),
+            Node::ImagesTable { data } => {
+                // Objects the listing cannot use are logged where it runs (the scheduler);
+                // the patches scan carries them to its executors instead.
+                let mut table = ImagesTable::new(data.data_set()?);
+                table.log_failures = true;
+                Arc::new(table)
+            }
             Node::MemTable => {
                 let partitions = blobs
                     .iter()
