@@ -203,19 +203,19 @@ impl TableProvider for PatchesTable {
         };
         self.failures.lock().unwrap().extend(failures.clone());
         let slices = slices_by_bytes(&entries, state.config().target_partitions());
-        Ok(Arc::new(PatchesExec::new(
-            self.data.clone(),
+        let scan = PatchScan {
+            data: self.data.clone(),
             images,
             entries,
-            listed_count,
-            failures,
-            config,
-            projection.cloned(),
-            projected,
-            [image_filter, cell_filter],
-            self.failures.clone(),
             slices,
-        )?))
+            listed: listed_count,
+            listing_failures: failures,
+            config,
+            projection: projection.cloned(),
+            schema: projected,
+            pushed: [image_filter, cell_filter],
+        };
+        Ok(Arc::new(PatchesExec::new(scan, self.failures.clone())?))
     }
 }
 
@@ -243,25 +243,35 @@ pub fn slices_by_bytes(entries: &[ImageEntry], n: usize) -> Vec<Range<usize>> {
     slices
 }
 
-/// The source stage as a DataFusion leaf: one partition per slice of the images, each with its
-/// patches in image order.
-pub struct PatchesExec {
+/// What a `patches` scan reads: everything a cluster's executor needs to redo it.
+#[derive(Clone)]
+pub(crate) struct PatchScan {
     pub(crate) data: DataSet,
     pub(crate) images: crate::storage::Location,
     pub(crate) entries: Vec<ImageEntry>,
-    /// Each partition's images: contiguous ranges of `entries`.
+    /// Each slice's images: contiguous ranges of `entries`.
     pub(crate) slices: Vec<Range<usize>>,
+    /// Images listed before the listing filters.
     pub(crate) listed: usize,
     /// Failures known before streaming (objects without a label).
     pub(crate) listing_failures: Vec<Failure>,
+    /// One slice's source stage (its share of the byte budget and of the decode workers).
     pub(crate) config: crate::source::StreamConfig,
     pub(crate) projection: Option<Vec<usize>>,
+    /// The projected schema.
     pub(crate) schema: SchemaRef,
+    /// The image filter and the cell filter, as pushed (shown by EXPLAIN).
     pub(crate) pushed: [Option<Expr>; 2],
+}
+
+/// The source stage as a DataFusion node: one partition per slice of the images (given by its
+/// slice source, [`super::slices`]), each with its patches in image order.
+pub struct PatchesExec {
+    pub(crate) scan: PatchScan,
     failures: Arc<Mutex<Vec<Failure>>>,
     /// Also log each failure (a cluster's executor: nobody collects `failures` there).
     pub(crate) log_failures: bool,
-    /// The slice source ([`super::slices`]): partition `p` reads the slices it holds.
+    /// The slice source: partition `p` reads the slices it holds.
     pub(crate) input: Arc<dyn ExecutionPlan>,
     metrics: ExecutionPlanMetricsSet,
     failed: Count,
@@ -275,81 +285,38 @@ impl fmt::Debug for PatchesExec {
 }
 
 impl PatchesExec {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        data: DataSet,
-        images: crate::storage::Location,
-        entries: Vec<ImageEntry>,
-        listed: usize,
-        listing_failures: Vec<Failure>,
-        mut config: crate::source::StreamConfig,
-        projection: Option<Vec<usize>>,
-        schema: SchemaRef,
-        pushed: [Option<Expr>; 2],
-        failures: Arc<Mutex<Vec<Failure>>>,
-        slices: Vec<Range<usize>>,
-    ) -> Result<Self> {
-        // The byte budget and the decode workers are the scan's: each partition's stage gets
-        // its share (at least one worker), so N partitions decode max(workers, N) images at once.
-        config.buffer_bytes = (config.buffer_bytes / slices.len()).max(1 << 20);
-        config.decode_workers = (config.decode_workers / slices.len()).max(1);
-        let input = slice_source(slices.len())?;
-        Ok(Self::with_stage_config(
-            data,
-            images,
-            entries,
-            listed,
-            listing_failures,
-            config,
-            projection,
-            schema,
-            pushed,
-            failures,
-            slices,
-            input,
-        ))
+    /// The scan of `scan.slices`, the stage settings being the whole scan's: each slice's stage
+    /// gets its share of the byte budget and of the decode workers (at least one), so N
+    /// partitions decode max(workers, N) images at once.
+    fn new(mut scan: PatchScan, failures: Arc<Mutex<Vec<Failure>>>) -> Result<Self> {
+        let n = scan.slices.len();
+        scan.config.buffer_bytes = (scan.config.buffer_bytes / n).max(1 << 20);
+        scan.config.decode_workers = (scan.config.decode_workers / n).max(1);
+        let input = slice_source(n)?;
+        Ok(Self::with_stage_config(scan, failures, input))
     }
 
-    /// A scan whose `config` is already one partition's stage (its share of bytes and workers):
-    /// how a cluster's executor rebuilds the scan it receives.
-    #[allow(clippy::too_many_arguments)]
+    /// A scan whose `config` is already one slice's stage: how a cluster's executor rebuilds
+    /// the scan it receives, and how a scan moves to another slice source.
     pub(crate) fn with_stage_config(
-        data: DataSet,
-        images: crate::storage::Location,
-        entries: Vec<ImageEntry>,
-        listed: usize,
-        listing_failures: Vec<Failure>,
-        mut config: crate::source::StreamConfig,
-        projection: Option<Vec<usize>>,
-        schema: SchemaRef,
-        pushed: [Option<Expr>; 2],
+        mut scan: PatchScan,
         failures: Arc<Mutex<Vec<Failure>>>,
-        slices: Vec<Range<usize>>,
         input: Arc<dyn ExecutionPlan>,
     ) -> Self {
         let metrics = ExecutionPlanMetricsSet::new();
-        config.counters = SourceCounters {
+        scan.config.counters = SourceCounters {
             opened: MetricBuilder::new(&metrics).global_counter("images_opened"),
             decoded: MetricBuilder::new(&metrics).global_counter("images_decoded"),
         };
         let failed = MetricBuilder::new(&metrics).global_counter("images_failed");
         let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
+            EquivalenceProperties::new(scan.schema.clone()),
             Partitioning::UnknownPartitioning(input.properties().partitioning.partition_count()),
             EmissionType::Incremental,
             Boundedness::Bounded,
         ));
         Self {
-            data,
-            images,
-            entries,
-            slices,
-            listed,
-            listing_failures,
-            config,
-            projection,
-            schema,
-            pushed,
+            scan,
             failures,
             log_failures: false,
             input,
@@ -358,31 +325,12 @@ impl PatchesExec {
             properties,
         }
     }
-
-    /// This scan over another slice source (a task's share of the slices, on a cluster).
-    fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Self {
-        let mut scan = Self::with_stage_config(
-            self.data.clone(),
-            self.images.clone(),
-            self.entries.clone(),
-            self.listed,
-            self.listing_failures.clone(),
-            self.config.clone(),
-            self.projection.clone(),
-            self.schema.clone(),
-            self.pushed.clone(),
-            self.failures.clone(),
-            self.slices.clone(),
-            input,
-        );
-        scan.log_failures = self.log_failures;
-        scan
-    }
 }
 
 impl DisplayAs for PatchesExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let read = match self.config.read {
+        let scan = &self.scan;
+        let read = match scan.config.read {
             Read::Geometry => "geometry (headers only)",
             Read::Statistics => "statistics (pixels decoded, not kept)",
             Read::Pixels => "pixels",
@@ -390,17 +338,17 @@ impl DisplayAs for PatchesExec {
         write!(
             f,
             "PatchesExec: url={}, patch={}, stride={}, read={read}, images={} of {}, partitions={}",
-            self.data.images,
-            self.config.patch,
-            self.config.stride,
-            self.entries.len(),
-            self.listed,
+            scan.data.images,
+            scan.config.patch,
+            scan.config.stride,
+            scan.entries.len(),
+            scan.listed,
             self.properties.partitioning.partition_count()
         )?;
-        if let Some(e) = &self.pushed[0] {
+        if let Some(e) = &scan.pushed[0] {
             write!(f, ", image_filter=[{e}]")?;
         }
-        if let Some(e) = &self.pushed[1] {
+        if let Some(e) = &scan.pushed[1] {
             write!(f, ", cell_filter=[{e}]")?;
         }
         Ok(())
@@ -438,7 +386,12 @@ impl ExecutionPlan for PatchesExec {
         _: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match (children.pop(), children.is_empty()) {
-            (Some(input), true) => Ok(Arc::new(self.with_input(input))),
+            (Some(input), true) => {
+                let mut scan =
+                    Self::with_stage_config(self.scan.clone(), self.failures.clone(), input);
+                scan.log_failures = self.log_failures;
+                Ok(Arc::new(scan))
+            }
             _ => datafusion::common::internal_err!("PatchesExec has one child, its slice source"),
         }
     }
@@ -458,18 +411,17 @@ impl ExecutionPlan for PatchesExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let slices = self.slices.clone();
-        let (images, entries, config) = (
-            self.images.clone(),
-            self.entries.clone(),
-            self.config.clone(),
-        );
-        let (projection, failures, failed) = (
-            self.projection.clone(),
-            self.failures.clone(),
-            self.failed.clone(),
-        );
-        let (log_failures, listing_failures) = (self.log_failures, self.listing_failures.clone());
+        let PatchScan {
+            images,
+            entries,
+            slices,
+            listing_failures,
+            config,
+            projection,
+            ..
+        } = self.scan.clone();
+        let (failures, failed) = (self.failures.clone(), self.failed.clone());
+        let log_failures = self.log_failures;
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
         let input = self.input.clone();
         // Started on first poll, inside the runtime that drives the query.
@@ -500,7 +452,7 @@ impl ExecutionPlan for PatchesExec {
         })
         .try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema.clone(),
+            self.scan.schema.clone(),
             stream,
         )))
     }

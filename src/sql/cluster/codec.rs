@@ -40,7 +40,7 @@ use crate::patch::Foreground;
 use crate::source::stream::Read;
 use crate::source::{Failure, ImageEntry, Split, StreamConfig};
 use crate::sql::images::{ImagesExec, ImagesTable};
-use crate::sql::patches::{PatchesExec, PatchesTable, cell_selector_for};
+use crate::sql::patches::{PatchScan, PatchesExec, PatchesTable, cell_selector_for};
 use crate::sql::run::{LatentFile, LatentsExec, LatentsTable};
 use crate::sql::{DataSet, functions};
 use crate::storage::{Location, StoreOptions};
@@ -562,18 +562,21 @@ impl PhysicalExtensionCodec for PhysicalCodec {
                     Some(p) => Arc::new(table_schema.project(p)?),
                     None => table_schema,
                 };
-                let mut exec = PatchesExec::with_stage_config(
-                    data.data_set()?,
-                    location,
+                let scan = PatchScan {
+                    data: data.data_set()?,
+                    images: location,
                     entries,
+                    slices,
                     listed,
                     listing_failures,
                     config,
                     projection,
                     schema,
                     pushed,
+                };
+                let mut exec = PatchesExec::with_stage_config(
+                    scan,
                     Default::default(),
-                    slices,
                     input(inputs, "PatchesExec")?,
                 );
                 exec.log_failures = true;
@@ -620,6 +623,7 @@ impl PhysicalExtensionCodec for PhysicalCodec {
     ) -> Result<()> {
         let any = node.as_ref();
         if let Some(e) = any.downcast_ref::<PatchesExec>() {
+            let e = &e.scan;
             let blobs = [expr_bytes(&e.pushed[0])?, expr_bytes(&e.pushed[1])?];
             let node = Node::PatchesExec {
                 data: WireDataSet::from(&e.data),
