@@ -199,12 +199,22 @@ impl WireStream {
     }
 }
 
+/// Store options without secrets: credentials come from each process's environment and never
+/// travel with a plan (a library caller could have put one in).
+fn without_secrets(storage: &StoreOptions) -> StoreOptions {
+    let mut storage = storage.clone();
+    storage
+        .options
+        .retain(|key, _| !crate::storage::is_secret_key(key));
+    storage
+}
+
 impl WireDataSet {
     fn from(d: &DataSet) -> Self {
         Self {
             images: d.images.clone(),
             labels: d.labels.clone(),
-            storage: d.storage.clone(),
+            storage: without_secrets(&d.storage),
             stream: WireStream::from(&d.stream),
         }
     }
@@ -274,7 +284,7 @@ impl WireLatents {
         Self {
             root: f.root.clone(),
             step: f.step,
-            storage: f.storage.clone(),
+            storage: without_secrets(&f.storage),
         }
     }
 
@@ -660,5 +670,48 @@ impl PhysicalExtensionCodec for PhysicalCodec {
             Some(u) => Ok(u),
             None => self.ballista.try_decode_udf(name, buf),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_travels_without_secrets_and_comes_back_the_same() {
+        let mut data = DataSet::new("s3://bucket/slides/", 256);
+        data.labels = Some("s3://bucket/labels.csv".into());
+        data.stream.level = 2;
+        data.storage
+            .options
+            .insert("endpoint".into(), "http://127.0.0.1:9000".into());
+        data.storage.options.insert(
+            "aws_secret_access_key".into(),
+            "hunter2-not-to-travel".into(),
+        );
+        let codec = LogicalCodec::default();
+        let mut buf = Vec::new();
+        let table = Arc::new(PatchesTable::new(data));
+        codec
+            .try_encode_table_provider(&TableReference::bare("patches"), table.clone(), &mut buf)
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(!text.contains("hunter2"), "a secret travelled: {text}");
+        assert!(text.contains("http://127.0.0.1:9000"), "{text}");
+        let ctx = TaskContext::default();
+        let back = codec
+            .try_decode_table_provider(&buf, &TableReference::bare("patches"), table.schema(), &ctx)
+            .unwrap();
+        let back = back.as_ref().downcast_ref::<PatchesTable>().unwrap();
+        assert_eq!(back.data.images, "s3://bucket/slides/");
+        assert_eq!(back.data.labels.as_deref(), Some("s3://bucket/labels.csv"));
+        assert_eq!((back.data.stream.patch, back.data.stream.level), (256, 2));
+        assert_eq!(back.data.storage.options.len(), 1);
+        // A truncated frame is an error that says so, not a panic.
+        let short = &buf[..buf.len() - 3];
+        let err = codec
+            .try_decode_table_provider(short, &TableReference::bare("p"), table.schema(), &ctx)
+            .unwrap_err();
+        assert!(err.to_string().contains("truncated frame"), "{err}");
     }
 }
