@@ -173,7 +173,7 @@ impl TableProvider for ImagesTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let (loc, entries, failures) = self.data.entries().await?;
         if self.log_failures {
-            failures.iter().for_each(super::patches::log_failure);
+            failures.iter().for_each(super::log_failure);
         }
         self.failures.lock().unwrap().extend(failures);
         let listed = entries.len();
@@ -203,7 +203,7 @@ impl TableProvider for ImagesTable {
         Ok(Arc::new(ImagesExec::new(
             self.data.clone(),
             loc,
-            entries,
+            entries.into(),
             listed,
             slices,
             projection.cloned(),
@@ -221,6 +221,7 @@ async fn header_rows(
     (patch, stride): (usize, usize),
     failures: &Mutex<Vec<Failure>>,
     counters: &HeaderCounters,
+    log_failures: bool,
 ) -> Result<RecordBatch> {
     let schema = images_schema();
     let targets: Vec<_> = entries.iter().map(|e| (e.path.clone(), e.size)).collect();
@@ -265,12 +266,16 @@ async fn header_rows(
         for (e, i) in entries.iter().zip(&infos) {
             if let Err(message) = i {
                 counters.failed.add(1);
-                reported.push(Failure {
+                let failure = Failure {
                     image_id: e.image_id.clone(),
                     url: e.url.clone(),
                     stage: "read".into(),
                     message: message.to_string(),
-                });
+                };
+                if log_failures {
+                    super::log_failure(&failure);
+                }
+                reported.push(failure);
             }
         }
     }
@@ -289,7 +294,7 @@ struct HeaderCounters {
 pub struct ImagesExec {
     pub(crate) data: DataSet,
     pub(crate) location: Location,
-    pub(crate) entries: Vec<ImageEntry>,
+    pub(crate) entries: Arc<[ImageEntry]>,
     /// Images listed before the listing filters.
     pub(crate) listed: usize,
     /// Each partition's images: contiguous ranges of `entries`.
@@ -317,7 +322,7 @@ impl ImagesExec {
     pub(crate) fn new(
         data: DataSet,
         location: Location,
-        entries: Vec<ImageEntry>,
+        entries: Arc<[ImageEntry]>,
         listed: usize,
         slices: Vec<Range<usize>>,
         projection: Option<Vec<usize>>,
@@ -447,20 +452,15 @@ impl ExecutionPlan for ImagesExec {
             let mine = slices_of(input, partition, context, slices.len()).await?;
             let mut batches = Vec::with_capacity(mine.len());
             for k in mine {
-                let before = failures.lock().unwrap().len();
                 let batch = header_rows(
                     &location,
                     &entries[slices[k].clone()],
                     cut,
                     &failures,
                     &counters,
+                    log_failures,
                 )
                 .await?;
-                if log_failures {
-                    failures.lock().unwrap()[before..]
-                        .iter()
-                        .for_each(super::patches::log_failure);
-                }
                 let batch = match &projection {
                     Some(p) => batch.project(p)?,
                     None => batch,

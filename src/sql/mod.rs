@@ -150,6 +150,17 @@ pub async fn register(
     Ok(reported)
 }
 
+/// A failure where no caller collects them (a cluster's executor): the log names the image.
+pub(crate) fn log_failure(f: &Failure) {
+    tracing::warn!(
+        image_id = %f.image_id,
+        url = %f.url,
+        stage = %f.stage,
+        "image not read: {}",
+        f.message
+    );
+}
+
 /// Whether `expr` reads only `columns`.
 fn reads_only(expr: &datafusion::logical_expr::Expr, columns: &[&str]) -> bool {
     expr.column_refs()

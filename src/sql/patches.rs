@@ -206,7 +206,7 @@ impl TableProvider for PatchesTable {
         let scan = PatchScan {
             data: self.data.clone(),
             images,
-            entries,
+            entries: entries.into(),
             slices,
             listed: listed_count,
             listing_failures: failures,
@@ -248,7 +248,7 @@ pub fn slices_by_bytes(entries: &[ImageEntry], n: usize) -> Vec<Range<usize>> {
 pub(crate) struct PatchScan {
     pub(crate) data: DataSet,
     pub(crate) images: crate::storage::Location,
-    pub(crate) entries: Vec<ImageEntry>,
+    pub(crate) entries: Arc<[ImageEntry]>,
     /// Each slice's images: contiguous ranges of `entries`.
     pub(crate) slices: Vec<Range<usize>>,
     /// Images listed before the listing filters.
@@ -411,15 +411,18 @@ impl ExecutionPlan for PatchesExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let PatchScan {
-            images,
-            entries,
-            slices,
-            listing_failures,
-            config,
-            projection,
-            ..
-        } = self.scan.clone();
+        // Only what the stream needs: the image list is shared, not copied, per partition.
+        let scan = &self.scan;
+        let (images, entries, slices) = (
+            scan.images.clone(),
+            scan.entries.clone(),
+            scan.slices.clone(),
+        );
+        let (listing_failures, config, projection) = (
+            scan.listing_failures.clone(),
+            scan.config.clone(),
+            scan.projection.clone(),
+        );
         let (failures, failed) = (self.failures.clone(), self.failed.clone());
         let log_failures = self.log_failures;
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
@@ -432,7 +435,7 @@ impl ExecutionPlan for PatchesExec {
                 if k == 0 {
                     failed.add(listing_failures.len());
                     if log_failures {
-                        listing_failures.iter().for_each(log_failure);
+                        listing_failures.iter().for_each(super::log_failure);
                     }
                 }
                 let slice = SliceRead {
@@ -498,7 +501,7 @@ impl SliceRead {
                         SourceItem::Failed(f) => {
                             this.failed.add(1);
                             if this.log_failures {
-                                log_failure(&f);
+                                super::log_failure(&f);
                             }
                             this.failures.lock().unwrap().push(f);
                         }
@@ -507,17 +510,6 @@ impl SliceRead {
             }
         })
     }
-}
-
-/// A failure where no caller collects them (a cluster's executor): the log names the image.
-pub(crate) fn log_failure(f: &Failure) {
-    tracing::warn!(
-        image_id = %f.image_id,
-        url = %f.url,
-        stage = %f.stage,
-        "image not read: {}",
-        f.message
-    );
 }
 
 #[cfg(test)]

@@ -575,7 +575,7 @@ impl PhysicalExtensionCodec for PhysicalCodec {
                 let scan = PatchScan {
                     data: data.data_set()?,
                     images: location,
-                    entries,
+                    entries: entries.into(),
                     slices,
                     listed,
                     listing_failures,
@@ -604,7 +604,7 @@ impl PhysicalExtensionCodec for PhysicalCodec {
                 let mut exec = ImagesExec::new(
                     data.data_set()?,
                     data.location()?,
-                    entries,
+                    entries.into(),
                     listed,
                     slices,
                     projection,
