@@ -1,6 +1,8 @@
 //! How decoded pixels become the backbone's input (`source.normalize`): x / 255, then
 //! (x - mean) / std per channel, as torchvision's `Normalize` does after `ToTensor`. Pretrained
-//! weights expect the statistics they were trained with (ImageNet's, for torchvision's).
+//! weights expect the statistics they were trained with (ImageNet's, for torchvision's), and
+//! UltraMNIST trains best with MNIST's, as the reference code uses (docs/method.md, "Input
+//! normalisation").
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -11,6 +13,10 @@ use tch::{Kind, Tensor};
 pub enum Preset {
     /// mean 0.5, std 0.5 for every channel: pixels in [-1, 1] (the default).
     MinusOneToOne,
+    /// MNIST's statistics, mean 0.1307 and std 0.3081, as the reference code normalises
+    /// UltraMNIST: the black background maps to -0.42, near the 0 of the convolutions' zero
+    /// padding, and strokes to 2.82. Every UltraMNIST pipeline uses it.
+    Mnist,
     /// torchvision's ImageNet statistics (RGB): mean (0.485, 0.456, 0.406), std (0.229, 0.224,
     /// 0.225). Grey data is repeated to RGB before they apply.
     Imagenet,
@@ -36,6 +42,7 @@ impl Normalization {
     pub fn values(&self) -> (Vec<f64>, Vec<f64>) {
         match self {
             Self::Preset(Preset::MinusOneToOne) => (vec![0.5], vec![0.5]),
+            Self::Preset(Preset::Mnist) => (vec![0.1307], vec![0.3081]),
             Self::Preset(Preset::Imagenet) => {
                 (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225])
             }
@@ -83,8 +90,13 @@ impl Normalization {
         }
     }
 
-    /// u8 N x m x m x c (HWC) -> N x c' x m x m float, on the tensor's device.
+    /// u8 N x m x m x c (HWC) -> N x c' x m x m float, on the tensor's device, with the
+    /// standard (NCHW) strides of a PyTorch batch.
     pub fn apply(&self, bytes: &Tensor) -> Tensor {
+        nchw(self.normalise(bytes))
+    }
+
+    fn normalise(&self, bytes: &Tensor) -> Tensor {
         let x = bytes.permute([0, 3, 1, 2]).to_kind(Kind::Float);
         let (mean, std) = self.values();
         let x = if mean.len() == 3 && x.size()[1] == 1 {
@@ -94,8 +106,8 @@ impl Normalization {
         };
         let same = |v: &[f64]| v.iter().all(|a| *a == v[0]);
         if same(&mean) && same(&std) {
-            // Scalars: with the default (0.5, 0.5) this is x / 127.5 - 1, the operations (and
-            // the bits) the PyTorch twin computes.
+            // Scalars: x / (255 std) - mean / std, the operations (and the bits) the PyTorch
+            // twin computes; with the default (0.5, 0.5) this is x / 127.5 - 1.
             return x
                 .g_div_scalar(255.0 * std[0])
                 .g_sub_scalar(mean[0] / std[0]);
@@ -111,6 +123,17 @@ impl Normalization {
     }
 }
 
+/// The same values with standard NCHW strides. A tensor permuted from N x H x W x C has
+/// channels-last strides; with one channel it even counts as contiguous (a size-1 dimension's
+/// stride is ignored), so `contiguous()` keeps them. libtorch's convolutions read the strides
+/// and pick their channels-last kernels, which round differently: at the demo's start a
+/// backbone's outputs moved by up to 5e-5 and whole runs parted from PyTorch's, whose
+/// DataLoader batches are plain NCHW (docs/parity.md, "The paired run").
+fn nchw(x: Tensor) -> Tensor {
+    let size = x.size();
+    x.contiguous().view([-1]).view(size.as_slice())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,10 +143,35 @@ mod tests {
     }
 
     #[test]
+    fn input_has_the_standard_strides_of_a_pytorch_batch_whatever_the_channels() {
+        for c in [1, 3] {
+            let bytes = Tensor::zeros([2, 4, 4, c], (Kind::Uint8, tch::Device::Cpu));
+            let x = Normalization::default().apply(&bytes);
+            // N x C x H x W, contiguous: strides (C·H·W, H·W, W, 1). A one-channel tensor
+            // permuted from HWC would have (16, 1, 4, 1), which libtorch's convolutions treat
+            // as channels-last.
+            assert_eq!(x.stride(), vec![c * 16, 16, 4, 1], "{c} channels");
+        }
+    }
+
+    #[test]
     fn the_default_maps_0_and_255_to_minus_one_and_one_exactly() {
         let y = Normalization::default().apply(&pixels(&[0, 255, 51], 1));
         let y: Vec<f32> = Vec::try_from(y.flatten(0, -1)).unwrap();
         assert_eq!(y, vec![-1.0, 1.0, 51.0 / 127.5 - 1.0]);
+    }
+
+    #[test]
+    fn mnist_maps_black_and_white_to_the_reference_codes_values() {
+        let y = Normalization::Preset(Preset::Mnist).apply(&pixels(&[0, 255], 1));
+        let y: Vec<f32> = Vec::try_from(y.flatten(0, -1)).unwrap();
+        // torchvision: ToTensor (x / 255), then Normalize((0.1307,), (0.3081,)).
+        let want = [-0.1307 / 0.3081, (1.0 - 0.1307) / 0.3081];
+        for (g, w) in y.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+        let parsed: Normalization = serde_norway::from_str("mnist").unwrap();
+        assert_eq!(parsed, Normalization::Preset(Preset::Mnist));
     }
 
     #[test]

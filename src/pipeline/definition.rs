@@ -94,7 +94,7 @@ pub struct SourceSpec {
     #[serde(default)]
     pub target_mpp: Option<f64>,
     /// How pixels become the backbone's input: x / 255, then (x - mean) / std per channel
-    /// (`minus_one_to_one`, the default; `imagenet`; or `{mean: [...], std: [...]}`).
+    /// (`minus_one_to_one`, the default; `mnist`; `imagenet`; or `{mean: [...], std: [...]}`).
     #[serde(default)]
     pub normalize: Normalization,
 }
