@@ -5,13 +5,15 @@
 //!   scripts/libtorch-missing/torch/torch.h.)
 //! - Adds an rpath to libtorch's directory so binaries run without LD_LIBRARY_PATH.
 //! - Keeps libtorch_cuda linked (`--no-as-needed`) so that CUDA works on GPU hosts.
-//! - Compiles src/train/determinism.cpp: libtorch settings tch does not expose.
+//! - Compiles src/train/determinism.cpp and src/train/adam_update.cpp: libtorch settings and
+//!   calls tch does not expose.
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/train/determinism.cpp");
+    println!("cargo:rerun-if-changed=src/train/adam_update.cpp");
     let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from);
     let lib_dir = libtorch.as_ref().map(|root| root.join("lib"));
     let found = lib_dir
@@ -37,6 +39,7 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("src/train/determinism.cpp")
+        .file("src/train/adam_update.cpp")
         .compile("patchgd_torch");
     let lib_dir = lib_dir.unwrap();
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);

@@ -38,6 +38,61 @@ pub fn all_finite(tensors: &[Tensor]) -> Result<(), usize> {
     Err(flags.iter().position(|f| !f).unwrap_or(0))
 }
 
+unsafe extern "C" {
+    fn patchgd_adam_update(
+        param: *mut std::ffi::c_void,
+        grad: *const std::ffi::c_void,
+        exp_avg: *mut std::ffi::c_void,
+        exp_avg_sq: *mut std::ffi::c_void,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        step_size: f64,
+        bias_correction2_sqrt: f64,
+        error: *mut std::ffi::c_char,
+        error_len: usize,
+    ) -> i32;
+}
+
+/// One parameter's update, in place: PyTorch's single-tensor Adam, op for op
+/// (`src/train/adam_update.cpp`), so that a step rounds exactly as `torch.optim.Adam` on a CPU.
+fn adam_update(
+    param: &mut Tensor,
+    grad: &Tensor,
+    (exp_avg, exp_avg_sq): (&mut Tensor, &mut Tensor),
+    (beta1, beta2, eps, weight_decay): (f64, f64, f64, f64),
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+) -> Result<(), String> {
+    let mut error = [0 as std::ffi::c_char; 512];
+    // SAFETY: each pointer is a live tch tensor (a `torch::Tensor*`, what tch's C API passes)
+    // for the duration of the call; the C++ side catches every exception and writes at most
+    // `error.len()` bytes, NUL-terminated.
+    let rc = unsafe {
+        patchgd_adam_update(
+            param.as_mut_ptr().cast(),
+            grad.as_ptr().cast(),
+            exp_avg.as_mut_ptr().cast(),
+            exp_avg_sq.as_mut_ptr().cast(),
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step_size,
+            bias_correction2_sqrt,
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the C++ side NUL-terminated what it wrote.
+    let message = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+    Err(message.to_string_lossy().into_owned())
+}
+
 pub struct Adam {
     params: Vec<Param>,
     m: Vec<Tensor>,
@@ -152,35 +207,37 @@ impl Adam {
             observe(&self.params);
         }
         self.steps += 1;
+        // torch.optim.Adam's scalars, computed as it computes them (Python floats: f64, `**`).
         let t = self.steps as f64;
-        let bc1 = 1.0 - self.beta1.powf(t);
-        let bc2 = 1.0 - self.beta2.powf(t);
+        let step_size = lr / (1.0 - self.beta1.powf(t));
+        let bias_correction2_sqrt = (1.0 - self.beta2.powf(t)).powf(0.5);
+        let mut failed = None;
         tch::no_grad(|| {
             for (i, (param, g)) in self.params.iter_mut().zip(&grads).enumerate() {
                 if !g.defined() {
                     continue;
                 }
-                let p = &mut param.master;
                 let g = g.to_kind(Kind::Float);
-                let g = if self.weight_decay != 0.0 {
-                    &g + &*p * self.weight_decay
-                } else {
-                    g
-                };
-                let _ = self.m[i]
-                    .g_mul_scalar_(self.beta1)
-                    .g_add_(&(&g * (1.0 - self.beta1)));
-                let _ = self.v[i]
-                    .g_mul_scalar_(self.beta2)
-                    .g_add_(&(&g * &g * (1.0 - self.beta2)));
-                let denom = (&self.v[i] / bc2).sqrt().g_add_scalar(self.eps);
-                let update = (&self.m[i] / bc1) / denom * lr;
-                let _ = p.g_sub_(&update);
+                if let Err(e) = adam_update(
+                    &mut param.master,
+                    &g,
+                    (&mut self.m[i], &mut self.v[i]),
+                    (self.beta1, self.beta2, self.eps, self.weight_decay),
+                    step_size,
+                    bias_correction2_sqrt,
+                ) {
+                    failed.get_or_insert(format!("the Adam update of '{}': {e}", param.name));
+                    continue;
+                }
                 if let Some(compute) = &mut param.compute {
-                    compute.copy_(p);
+                    compute.copy_(&param.master);
                 }
             }
         });
+        // Only a libtorch error lands here (a device or dtype mismatch): nothing a run survives.
+        if let Some(e) = failed {
+            panic!("{e}");
+        }
         Ok(true)
     }
 
