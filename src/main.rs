@@ -13,8 +13,6 @@ mod cli {
     pub mod synth;
 }
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -34,19 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline definition (YAML): train, evaluate, and write the results to its output.
-    Run {
-        pipeline: PathBuf,
-        /// Override a key of the file, e.g. `--set method=gd --set output=out/gd` (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Plain log lines even on a terminal.
-        #[arg(long)]
-        no_progress: bool,
-        /// Start over: delete the checkpoints under the output instead of resuming from them.
-        /// (Without it, a run resumes from its newest complete checkpoint.)
-        #[arg(long)]
-        fresh: bool,
-    },
+    Run(cli::run::RunArgs),
     /// Apply a trained model (a run's output or checkpoint) to images, labelled or not: writes
     /// predictions.parquet, errors.parquet, summary.json, and metrics.json with labels.
     Predict(cli::predict::PredictArgs),
@@ -74,7 +60,7 @@ fn main() -> Result<()> {
     // Under mpirun or srun, `run` is one rank of a data-parallel run (docs/distributed.md), and
     // `bench --only allreduce` measures across the ranks.
     let group = match &cli.command {
-        Command::Run { .. } | Command::Bench(_) => patchgd::dist::Group::from_environment()?,
+        Command::Run(_) | Command::Bench(_) => patchgd::dist::Group::from_environment()?,
         _ => patchgd::dist::Group::single(),
     };
     // The library reports through `tracing`: warnings and notes go to stderr; from rank 0 only,
@@ -90,14 +76,9 @@ fn main() -> Result<()> {
         })
         .init();
     match cli.command {
-        Command::Run {
-            pipeline,
-            set,
-            no_progress,
-            fresh,
-        } => {
+        Command::Run(args) => {
             let (rank, ranks) = (group.rank(), group.size());
-            cli::run::run(&pipeline, &set, no_progress, fresh, group).map_err(|e| {
+            cli::run::run(&args, group).map_err(|e| {
                 if ranks > 1 {
                     e.context(format!("rank {rank} of {ranks}"))
                 } else {

@@ -26,6 +26,8 @@ pub struct Head {
     /// Dropout masks come from our own generator, not libtorch's process-wide one: its state
     /// is plain data (resumable) and two runs in one process cannot disturb each other.
     dropout_rng: RefCell<Rng>,
+    /// The masks drawn since recording started, in call order (a run's trace records them).
+    recorded_masks: RefCell<Option<Vec<Vec<bool>>>>,
 }
 
 /// The reference's Dropout2d probability: `model.head_dropout`'s default.
@@ -55,7 +57,23 @@ impl Head {
             classifier,
             dropout,
             dropout_rng: RefCell::new(Rng::new(0)),
+            recorded_masks: RefCell::new(None),
         }
+    }
+
+    /// Keep every dropout mask drawn from now on (`true`), or stop and forget them.
+    pub fn record_dropout(&self, on: bool) {
+        *self.recorded_masks.borrow_mut() = on.then(Vec::new);
+    }
+
+    /// The masks drawn since the last call, in call order: one per Dropout2d call, B x C values
+    /// (image-major), true where the channel was zeroed.
+    pub fn take_dropout_masks(&self) -> Vec<Vec<bool>> {
+        self.recorded_masks
+            .borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Start the dropout masks from a known state (the trainer does so before every outer step).
@@ -67,16 +85,19 @@ impl Head {
     fn channel_dropout(&self, x: &Tensor) -> Tensor {
         let s = x.size();
         let mut rng = self.dropout_rng.borrow_mut();
-        let keep = 1.0 / (1.0 - self.dropout);
-        let mask: Vec<f32> = (0..s[0] * s[1])
-            .map(|_| {
-                if rng.unit() < self.dropout {
-                    0.0
-                } else {
-                    keep as f32
-                }
-            })
+        let dropped: Vec<bool> = (0..s[0] * s[1])
+            .map(|_| rng.unit() < self.dropout)
             .collect();
+        // In f32, as PyTorch's `noise.div_(1 - p)` computes it (an f64 quotient rounded to f32
+        // can differ in the last place for some p).
+        let keep = 1.0f32 / (1.0 - self.dropout) as f32;
+        let mask: Vec<f32> = dropped
+            .iter()
+            .map(|&d| if d { 0.0 } else { keep })
+            .collect();
+        if let Some(log) = self.recorded_masks.borrow_mut().as_mut() {
+            log.push(dropped);
+        }
         // In x's kind: an fp32 mask would promote bf16 activations back to fp32.
         x * Tensor::from_slice(&mask)
             .view([s[0], s[1], 1, 1])

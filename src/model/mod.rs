@@ -285,6 +285,21 @@ impl Model {
         }
     }
 
+    /// Keep the head's dropout masks as they are drawn (a run's trace), or stop.
+    pub fn record_dropout(&self, on: bool) {
+        if let Some(h) = &self.head {
+            h.record_dropout(on);
+        }
+    }
+
+    /// The head's dropout masks drawn since the last call (see [`Head::take_dropout_masks`]).
+    pub fn take_dropout_masks(&self) -> Vec<Vec<bool>> {
+        self.head
+            .as_ref()
+            .map(|h| h.take_dropout_masks())
+            .unwrap_or_default()
+    }
+
     /// Overwrite every variable with the tensor of the same name (a checkpoint's weights).
     pub fn load_named(&self, tensors: &[(String, Tensor)]) -> Result<(), LoadError> {
         let by_name: std::collections::HashMap<&str, &Tensor> =

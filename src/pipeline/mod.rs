@@ -1,7 +1,8 @@
 //! Pipelines: the definition a user writes, and the runner that wires every other module, in
 //! stages: prepare ([`prepare`]), start or resume, epochs, outputs ([`runner`]); the
 //! checkpoint payload ([`checkpoint`]) and progress reports ([`observer`]); where a new run's
-//! weights come from ([`start_weights`]); a trained model applied to new images ([`predict`]).
+//! weights come from ([`start_weights`]); a run's trace for the PyTorch twin ([`trace`]); a
+//! trained model applied to new images ([`predict`]).
 
 pub mod checkpoint;
 pub mod data_parallel;
@@ -14,9 +15,11 @@ pub mod runner;
 pub mod setup;
 pub mod start_weights;
 pub mod summary;
+pub mod trace;
 mod validate;
 
 pub use definition::{Definition, DefinitionError};
 pub use observer::{LogObserver, RunObserver};
 pub use predict::{PredictRequest, PredictSummary, predict};
 pub use runner::{RunError, RunOptions, RunSummary, run, run_with};
+pub use trace::TraceOptions;

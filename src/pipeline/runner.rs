@@ -27,6 +27,7 @@ use super::prepare::{Prepared, prepare};
 use super::setup::{build_trainer, choose_device, device_name};
 use super::start_weights;
 pub use super::summary::RunSummary;
+use super::trace::{TraceOptions, TraceWriter};
 use crate::dist::Group;
 use crate::rng::Rng;
 use crate::sink::tables::{errors_batch, metrics_batch, predictions_batch, to_csv, to_parquet};
@@ -113,6 +114,9 @@ pub struct RunOptions {
     /// The data-parallel group this process is one rank of ([`Group::from_environment`] under
     /// `mpirun` or `srun`); `None` trains in this process alone.
     pub group: Option<Rc<Group>>,
+    /// Write the run's trace (`--trace`: every random choice and its results, for a replay by
+    /// the PyTorch twin; docs/parity.md). Only for a run that starts from its first step.
+    pub trace: Option<TraceOptions>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -121,6 +125,7 @@ impl std::fmt::Debug for RunOptions {
             .field("fresh", &self.fresh)
             .field("observer", &self.observer.as_ref().map(|_| "custom"))
             .field("group", &self.group)
+            .field("trace", &self.trace)
             .finish()
     }
 }
@@ -159,8 +164,23 @@ pub fn run_with(def: &Definition, options: &RunOptions) -> Result<RunSummary, Ru
             group.size()
         ));
     }
+    if options.trace.is_some() && group.size() > 1 {
+        return Err(RunError::Data(
+            "--trace records one process's run; under several ranks, trace a run of one".into(),
+        ));
+    }
     let data = prepare(def, &rt)?;
     let mut session = start_or_resume(def, &data, options.fresh, &rt, observer, group)?;
+    if let Some(trace) = &options.trace {
+        if session.resumed.is_some() {
+            return Err(RunError::Resume(format!(
+                "--trace records a run from its first step, and this one would resume from a \
+                 checkpoint under {}; add --fresh to start over",
+                data.checkpoints.url
+            )));
+        }
+        session.trace = Some(TraceWriter::start(trace, def, &data, &mut session.trainer)?);
+    }
     for epoch in session.first_epoch()..=def.train.epochs {
         run_epoch(def, &data, &mut session, epoch, &rt, observer)?;
     }
@@ -190,6 +210,8 @@ pub struct Session {
     resumed: Option<TrainingState>,
     /// Optimizer steps at the last checkpoint (`checkpoint.every_steps` counts from there).
     last_checkpoint_steps: i64,
+    /// The run's trace, when one was asked for.
+    trace: Option<TraceWriter>,
 }
 
 impl Session {
@@ -247,6 +269,7 @@ pub fn start_or_resume(
         },
         device,
         resumed: None,
+        trace: None,
     };
     let root = &data.checkpoints;
     if fresh {
@@ -319,6 +342,9 @@ pub fn run_epoch(
     let mut order = data.train_set.clone();
     Rng::derive(def.train.seed, "epoch-order", epoch).shuffle(&mut order);
     let order_ids: Vec<String> = order.iter().map(|e| e.image_id.clone()).collect();
+    if let Some(trace) = &mut session.trace {
+        trace.epoch(epoch, &order_ids)?;
+    }
     let (skip, start) = resume_point(session, epoch, &order_ids)?;
     let group = session.trainer.group().clone();
     // This rank's share: every size-th image of the epoch's order, as a distributed sampler
@@ -350,6 +376,9 @@ pub fn run_epoch(
         |n| observer.images_done(train_n + n),
         |_, _| Ok::<(), RunError>(()),
     )?;
+    if let Some(trace) = &mut session.trace {
+        trace.eval(epoch, &session.trainer, eval.loss(), eval.accuracy())?;
+    }
     // Every rank gets the whole epoch's outcome: the metrics and the ledger stay identical.
     let (train, eval) = (merge_pass(&group, &train), merge_pass(&group, &eval));
     account(def, data, &mut session.ledger, epoch, &train, &eval)?;
@@ -416,6 +445,7 @@ fn train_pass(
         trainer,
         ledger,
         last_checkpoint_steps,
+        trace,
         ..
     } = session;
     let rx = stream_images(data.images.clone(), images.to_vec(), data.stream.clone());
@@ -426,6 +456,9 @@ fn train_pass(
         start.pass.clone(),
         |n| observer.images_done(n),
         |trainer: &Trainer, pass: &PassOutcome| -> Result<(), RunError> {
+            if let Some(trace) = trace.as_mut() {
+                trace.steps(start.epoch, trainer)?;
+            }
             let steps = trainer.optimizer.steps;
             if every == 0 || steps / every <= *last_checkpoint_steps / every {
                 return Ok(());

@@ -35,6 +35,7 @@ pub fn gd_step(
     opt.zero_grad();
     Ok(StepOutcome {
         loss: value,
+        inner_losses: vec![value as f32],
         logits: logits.detach(),
         optimizer_steps: stepped as usize,
         patch_passes: batch.batch_size() as usize,

@@ -8,6 +8,7 @@ pub mod optim;
 pub mod patchgd;
 pub mod precision;
 pub mod schedule;
+pub mod trace;
 pub mod trainer;
 
 pub use precision::{LossScaler, Precision};

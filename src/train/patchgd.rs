@@ -17,6 +17,8 @@ use crate::model::Model;
 pub struct StepOutcome {
     /// Mean cross-entropy over the inner iterations.
     pub loss: f64,
+    /// Each inner iteration's cross-entropy, as computed (f32).
+    pub inner_losses: Vec<f32>,
     /// Logits of the last inner iteration (every cell fresh by then), detached.
     pub logits: Tensor,
     pub optimizer_steps: usize,
@@ -180,7 +182,7 @@ pub fn outer_step(
         None => vec![now; (b * k) as usize],
     };
     opt.zero_grad();
-    let mut loss_sum = Tensor::zeros([], (Kind::Float, model.device()));
+    let mut losses: Vec<Tensor> = Vec::with_capacity(plan.chunks.len());
     let mut steps = 0;
     let mut last_logits = None;
     for (j, cells) in plan.chunks.iter().enumerate() {
@@ -192,9 +194,9 @@ pub fn outer_step(
         }
         let (z_new, logits, encoded) = inner_forward(model, batch, &z, cells);
         let loss = logits.cross_entropy_for_logits(&batch.labels);
-        // Summed on the device and read once per step: a read per iteration would make the
-        // host wait for the GPU at every inner iteration.
-        loss_sum += loss.detach();
+        // Kept on the device and read once per step: a read per iteration would make the host
+        // wait for the GPU at every inner iteration.
+        losses.push(loss.detach().to_kind(Kind::Float));
         (loss * (opt.loss_scale() / plan.group_size[j] as f64)).backward();
         patch_passes += encoded;
         if plan.step_after[j] {
@@ -208,7 +210,10 @@ pub fn outer_step(
         z = z_new.detach();
         last_logits = Some(logits.detach());
     }
-    let loss = loss_sum.double_value(&[]) / plan.chunks.len() as f64;
+    let inner_losses: Vec<f32> =
+        Vec::try_from(Tensor::stack(&losses, 0).to_device(tch::Device::Cpu)).expect("losses");
+    // Summed as f64, as a PyTorch loop sums `loss.item()`s.
+    let loss = inner_losses.iter().map(|&l| f64::from(l)).sum::<f64>() / inner_losses.len() as f64;
     // Under loss scaling, a loss that overflowed made the scaler skip the step: its one exception.
     if !loss.is_finite() && opt.scaler.is_none() {
         return Err(NonFinite("the loss".into()).into());
@@ -216,6 +221,7 @@ pub fn outer_step(
     batch.check_reads()?;
     Ok(StepOutcome {
         loss,
+        inner_losses,
         logits: last_logits.expect("a plan has at least one chunk"),
         optimizer_steps: steps,
         patch_passes,

@@ -15,6 +15,7 @@ use super::gd::{gd_predict, gd_step};
 use super::optim::{Adam, NonFinite};
 use super::patchgd::{GridBatch, Reuse, StepError, correct, grid_view, outer_step, predict};
 use super::schedule::{Accumulation, LrSchedule, plan_outer_step};
+use super::trace::{TraceNotes, TracedEval, TracedStep};
 use crate::dist::Group;
 use crate::model::grad_cam::{ImageEvidence, grad_cam};
 use crate::model::{Method, Model};
@@ -116,6 +117,9 @@ pub struct Trainer {
     pub evidence: Option<std::sync::mpsc::SyncSender<ImageEvidence>>,
     /// The data-parallel group this trainer is one rank of (a group of one by default).
     group: Rc<Group>,
+    /// While a run is traced: the choices and results noted since the runner last took them
+    /// (taken through `&self`, from the callback that sees each step).
+    notes: std::cell::RefCell<Option<TraceNotes>>,
 }
 
 /// One prediction of an evaluation pass.
@@ -184,7 +188,24 @@ impl Trainer {
             epoch: 1,
             evidence: None,
             group: Group::single(),
+            notes: std::cell::RefCell::new(None),
         }
+    }
+
+    /// Note every step's random choices and results from now on (a run's trace: the image
+    /// order, each permutation, each dropout mask, the losses, the evaluation's predictions).
+    pub fn start_tracing(&mut self) {
+        self.model.record_dropout(true);
+        *self.notes.get_mut() = Some(TraceNotes::default());
+    }
+
+    /// The notes taken since the last call (empty when not tracing).
+    pub fn take_trace_notes(&self) -> TraceNotes {
+        self.notes
+            .borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Train as one rank of `group` (docs/distributed.md): every step's gradients are averaged
@@ -494,6 +515,7 @@ impl Trainer {
         ));
         let lr = self.config.schedule.lr(self.outer_steps);
         self.optimizer.step_images = images.len() as f64;
+        let mut permutation = Vec::new();
         let outcome = match self.model.spec.method {
             Method::Patchgd => {
                 let plan = plan_outer_step(
@@ -502,6 +524,10 @@ impl Trainer {
                     self.config.accumulation,
                     &mut self.rng,
                 );
+                if self.notes.get_mut().is_some() {
+                    // The chunks cover the whole permutation (n·ζ ≥ K): their concatenation is it.
+                    permutation = plan.chunks.concat();
+                }
                 let reuse = self.reuse_for(images, batch.cells() as usize);
                 let outcome = outer_step(
                     &self.model,
@@ -514,26 +540,34 @@ impl Trainer {
                 )
                 .map_err(|e| self.step_error(e, images))?;
                 self.store_latents(images, &outcome.z, &outcome.cell_steps);
-                (
-                    outcome.loss,
-                    outcome.logits,
-                    outcome.patch_passes,
-                    outcome.optimizer_steps,
-                )
+                outcome
             }
-            Method::Gd => {
-                let o = gd_step(&self.model, &mut self.optimizer, lr, batch)
-                    .map_err(|e| self.step_error(e, images))?;
-                (o.loss, o.logits, o.patch_passes, o.optimizer_steps)
-            }
+            Method::Gd => gd_step(&self.model, &mut self.optimizer, lr, batch)
+                .map_err(|e| self.step_error(e, images))?,
         };
-        let (loss, logits, patch_passes, optimizer_steps) = outcome;
+        let (loss, logits, patch_passes, optimizer_steps) = (
+            outcome.loss,
+            outcome.logits,
+            outcome.patch_passes,
+            outcome.optimizer_steps,
+        );
         self.share_batch_norm_statistics();
         // BatchNorm statistics move in forward passes, weights in the update: both are checked
         // before the step counts (so no checkpoint ever holds a NaN).
         self.check_weights()
             .map_err(|e| self.non_finite(e, Phase::Train, images))?;
         self.outer_steps += 1;
+        if let Some(notes) = self.notes.get_mut() {
+            notes.steps.push(TracedStep {
+                step: self.outer_steps,
+                images: images.iter().map(|im| im.key.image_id.clone()).collect(),
+                lr,
+                permutation,
+                dropout: self.model.take_dropout_masks(),
+                losses: outcome.inner_losses,
+                optimizer_steps: self.optimizer.steps,
+            });
+        }
         let counted = loss.is_finite();
         Ok(TrainedBatch {
             loss_sum: if counted {
@@ -612,6 +646,15 @@ impl Trainer {
                 }
             })
             .collect();
+        if let Some(notes) = self.notes.get_mut() {
+            notes.evals.push(TracedEval {
+                images: predictions.iter().map(|p| p.image_id.clone()).collect(),
+                probabilities: predictions
+                    .iter()
+                    .map(|p| p.probabilities.clone())
+                    .collect(),
+            });
+        }
         if let (Some(tx), Some(z)) = (&self.evidence, z) {
             let maps = grad_cam(&self.model, &grid_view(&z, batch.rows, batch.cols));
             send_evidence(tx, &maps.0, &predictions, (batch.rows, batch.cols));

@@ -320,3 +320,166 @@ fn mobilenet_v2_steps_match_pytorch() {
     ];
     check(&cases.iter().map(|c| c.write(dir)).collect::<Vec<_>>());
 }
+
+/// A small UltraMNIST set on local disk (the twin reads PNG files): the demo's recipe (128 px,
+/// 2 classes), `train` + 32 images.
+fn ultramnist_set(dir: &Path, train: usize) -> (String, String) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = dir.to_str().unwrap().to_string();
+    rt.block_on(patchgd::synth::write_ultramnist(
+        &patchgd::storage::Location::parse(&url).unwrap(),
+        &patchgd::synth::Recipe::new(128, 2, 11),
+        train,
+        32,
+        None,
+        patchgd::synth::ImageFormat::Png,
+    ))
+    .unwrap();
+    (format!("{url}/images"), format!("{url}/labels.csv"))
+}
+
+/// Train `epochs` of the demo's pipeline on the set with `dropout`, writing the run's trace to
+/// `trace`; returns the trace directory.
+fn traced_demo_run(data: &(String, String), out: &Path, dropout: f64, epochs: u64) -> PathBuf {
+    let demo = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/ultramnist.yaml"),
+    )
+    .unwrap();
+    let run = out.join("run");
+    let trace = out.join("trace");
+    let sets = [
+        format!("source.images={}", data.0),
+        format!("source.labels={}", data.1),
+        format!("output={}", run.display()),
+        format!("model.head_dropout={dropout}"),
+        format!("train.epochs={epochs}"),
+        "train.device=cpu".to_string(),
+        "checkpoint.every_steps=0".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let def =
+        patchgd::pipeline::Definition::from_yaml_with_overrides(&demo, "ultramnist.yaml", &sets)
+            .unwrap();
+    let options = patchgd::pipeline::RunOptions {
+        fresh: true,
+        trace: Some(patchgd::pipeline::TraceOptions {
+            dir: trace.clone(),
+            weights_every: 1,
+        }),
+        ..Default::default()
+    };
+    patchgd::pipeline::run_with(&def, &options).unwrap();
+    trace
+}
+
+/// Replay a trace in the twin with the control (`tests/twin/replay.py --check`); its report is
+/// the failure message.
+fn replay_check(trace: &Path) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/twin/replay.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(trace)
+        .args(["--check", "--quiet", "--report"])
+        .arg(trace.join("report.json"))
+        .output()
+        .expect("run tests/twin/replay.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert!(
+        out.status.success(),
+        "patchgd's run parts from the PyTorch twin's:\n{report}"
+    );
+    report
+}
+
+/// The trajectory test (docs/parity.md, "The paired run"): 20 steps of the demo's pipeline
+/// (2 epochs of 10 mini-batches, with a validation pass after each), replayed by the PyTorch
+/// twin choice for choice. At every step patchgd must be no further from the twin than the
+/// control (the twin from weights one unit in the last place away) had come by then, with the
+/// head's dropout and without. A change that alters whole runs but not single steps (the
+/// schedule across epochs, BatchNorm's running statistics over many steps, the dropout
+/// stream, the validation pass) fails here.
+#[test]
+fn whole_runs_follow_pytorch_step_by_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = cases_dir(&tmp);
+    let data = ultramnist_set(&dir.join("data"), 160);
+    for dropout in [0.2, 0.0] {
+        let trace = traced_demo_run(&data, &dir.join(format!("dropout-{dropout}")), dropout, 2);
+        let lines = std::fs::read_to_string(trace.join("trace.jsonl")).unwrap();
+        let steps = lines
+            .lines()
+            .filter(|l| l.contains(r#""record":"step""#))
+            .count();
+        assert_eq!(steps, 20, "2 epochs of 160 images in batches of 16");
+        let masks = lines.contains(r#""dropout":[""#);
+        assert_eq!(masks, dropout > 0.0, "dropout masks in the trace");
+        replay_check(&trace);
+    }
+}
+
+/// A trace names what it cannot be: a resumed run, and (in the twin) a run it cannot replay.
+#[test]
+fn a_trace_starts_with_the_run_and_the_twin_refuses_what_it_cannot_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = cases_dir(&tmp);
+    let data = ultramnist_set(&dir.join("data"), 16);
+    let trace = traced_demo_run(&data, &dir.join("a"), 0.2, 1);
+    // The same output again, without --fresh: it would resume from the final checkpoint.
+    let demo = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/ultramnist.yaml"),
+    )
+    .unwrap();
+    let sets = [
+        format!("source.images={}", data.0),
+        format!("source.labels={}", data.1),
+        format!("output={}", dir.join("a/run").display()),
+        "train.epochs=1".to_string(),
+        "train.device=cpu".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let def =
+        patchgd::pipeline::Definition::from_yaml_with_overrides(&demo, "ultramnist.yaml", &sets)
+            .unwrap();
+    let err = patchgd::pipeline::run_with(
+        &def,
+        &patchgd::pipeline::RunOptions {
+            trace: Some(patchgd::pipeline::TraceOptions {
+                dir: trace.clone(),
+                weights_every: 1,
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--trace records a run from its first step") && err.contains("--fresh"),
+        "{err}"
+    );
+    // A trace without weights cannot be compared step by step: the twin says why.
+    let lines = std::fs::read_to_string(trace.join("trace.jsonl")).unwrap();
+    let first = lines
+        .lines()
+        .next()
+        .unwrap()
+        .replace(r#""weights_every":1"#, r#""weights_every":0"#);
+    let rest: Vec<&str> = lines.lines().skip(1).collect();
+    std::fs::write(
+        trace.join("trace.jsonl"),
+        format!("{first}\n{}\n", rest.join("\n")),
+    )
+    .unwrap();
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/twin/replay.py"))
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("no weights in the trace"), "{text}");
+}

@@ -91,7 +91,11 @@ class HeadBlock(nn.Module):
 
 class Head(nn.Module):
     """f2: conv3x3 at stride 1, then three at stride 2, each Conv -> ReLU -> BN -> Dropout2d;
-    adaptive average pooling; Linear(width -> classes)."""
+    adaptive average pooling; Linear(width -> classes).
+
+    `replay_masks`, when set (a list, consumed from the front), replaces Dropout2d's random
+    draws by given masks (bool B x C, True = channel zeroed) and applies them with
+    F.dropout2d's own arithmetic: replay.py replays patchgd's run this way."""
 
     def __init__(self, latent_dim, width, classes, dropout):
         super().__init__()
@@ -100,13 +104,29 @@ class Head(nn.Module):
             self.add_module(f"block{i}", HeadBlock(c_in, width, 1 if i == 0 else 2))
         self.classifier = nn.Linear(width, classes)
         self.dropout = dropout
+        self.replay_masks = None
+
+    def dropout2d(self, x):
+        if not self.training or self.dropout == 0 or self.replay_masks is None:
+            return F.dropout2d(x, self.dropout, self.training)
+        if not self.replay_masks:
+            raise ValueError("the trace has fewer dropout masks than the step draws")
+        zeroed = self.replay_masks.pop(0)
+        b, c = x.shape[:2]
+        if zeroed.numel() != b * c:
+            raise ValueError(f"a traced dropout mask has {zeroed.numel()} values for {b} x {c}")
+        # ATen's feature dropout: noise = bernoulli(1 - p) of shape B x C x 1 x 1, then
+        # noise.div_(1 - p), then input * noise.
+        noise = (~zeroed).to(x.dtype).view(b, c, 1, 1)
+        noise.div_(1 - self.dropout)
+        return x * noise
 
     def forward(self, z):
         x = z
         for i in range(4):
             block = getattr(self, f"block{i}")
             x = block.bn(F.relu(block.conv(x)))
-            x = F.dropout2d(x, self.dropout, self.training)
+            x = self.dropout2d(x)
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -167,11 +187,12 @@ def plan(cells, rho, accumulation, perm):
 
 
 def patchgd_step(model, optimizer, patches, labels, rows, cols, chunks, step_after, group_size,
-                 fill_chunk, present=None, on_step=None):
+                 fill_chunk, present=None, on_step=None, losses_out=None):
     """One PatchGD outer step. `patches`: B x K x C x m x m, cell index r * cols + c. The fill
     encodes, with no gradient and the backbone in training mode, each chunk's cells of every
     image (at most `fill_chunk` per call): the batches the inner iterations will encode.
-    Returns (mean loss over the inner iterations, last logits)."""
+    Returns (mean loss over the inner iterations, last logits); each inner iteration's loss is
+    appended to `losses_out` if given."""
     model.train()
     b, k = patches.shape[:2]
     flat = patches.reshape(b * k, *patches.shape[2:])
@@ -211,6 +232,8 @@ def patchgd_step(model, optimizer, patches, labels, rows, cols, chunks, step_aft
                 on_step(model)
             optimizer.step()
             optimizer.zero_grad()
+    if losses_out is not None:
+        losses_out.extend(losses)
     return sum(losses) / len(losses), logits.detach()
 
 
@@ -255,16 +278,24 @@ def scheduler(optimizer, warmup_steps, horizon_steps):
 
 def load_split(data_dir, split, patch):
     """Images of one split as (uint8 N x K x m x m patches, labels, rows, cols), cell r * cols + c."""
+    _, patches, labels, rows, cols = load_images(Path(data_dir) / "images",
+                                                 Path(data_dir) / "labels.csv", split, patch)
+    return patches, labels, rows, cols
+
+
+def load_images(images_dir, labels_csv, split, patch):
+    """Images of one split, sorted by id, as (ids, uint8 N x K x m x m patches, labels, rows,
+    cols), cell r * cols + c."""
     import csv
 
     from PIL import Image
 
-    data_dir = Path(data_dir)
     rows_out, labels = [], []
-    with open(data_dir / "labels.csv") as f:
+    with open(labels_csv) as f:
         entries = [r for r in csv.DictReader(f) if r["split"] == split]
-    for entry in sorted(entries, key=lambda r: r["image_id"]):
-        with Image.open(data_dir / "images" / f"{entry['image_id']}.png") as im:
+    entries = sorted(entries, key=lambda r: r["image_id"])
+    for entry in entries:
+        with Image.open(Path(images_dir) / f"{entry['image_id']}.png") as im:
             im = im.convert("L")
             img = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             img = img.view(im.height, im.width)
@@ -273,42 +304,71 @@ def load_split(data_dir, split, patch):
         cells = img[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch)
         rows_out.append(cells.permute(0, 2, 1, 3).reshape(rows * cols, patch, patch))
         labels.append(int(entry["label"]))
-    return torch.stack(rows_out), torch.tensor(labels), rows, cols
+    ids = [e["image_id"] for e in entries]
+    return ids, torch.stack(rows_out), torch.tensor(labels), rows, cols
 
 
-def normalise(u8):
-    """uint8 -> [-1, 1], one channel: N x K x 1 x m x m."""
-    return (u8.float() / 127.5 - 1.0).unsqueeze(2)
+# MNIST's statistics, which the reference code normalises UltraMNIST with (patchgd's `mnist`).
+MNIST = (0.1307, 0.3081)
+
+
+def normalise(u8, stats=MNIST):
+    """uint8 -> (x / 255 - mean) / std, one channel: N x K x 1 x m x m. Computed as
+    x / (255 std) - mean / std, the operations patchgd's `source.normalize` uses."""
+    mean, std = stats
+    return (u8.float() / (255.0 * std) - mean / std).unsqueeze(2)
 
 
 @torch.no_grad()
-def evaluate(model, patches, labels, rows, cols, batch_size, fill_chunk):
-    """Inference: fill Z with every patch in eval mode, one head pass. Returns (loss, accuracy)."""
+def eval_logits(model, x, rows, cols, fill_chunk):
+    """Inference on one normalised batch (B x K x C x m x m): fill Z with every patch in eval
+    mode, `fill_chunk` patches per backbone call, writing z[b, :, r, c] as the training step
+    does (so the head sees the same contiguous B x D x rows x cols layout); one head pass."""
     model.eval()
+    b, k = x.shape[:2]
+    flat = x.reshape(b * k, *x.shape[2:])
+    z = torch.zeros(b, model.latent_dim, rows, cols)
+    cells = torch.arange(b * k)
+    for s in range(0, b * k, fill_chunk):
+        piece = cells[s : s + fill_chunk]
+        z[piece // k, :, (piece % k) // cols, piece % cols] = model.backbone(flat[piece])
+    return model.head(z)
+
+
+@torch.no_grad()
+def evaluate(model, patches, labels, rows, cols, batch_size, fill_chunk, stats=MNIST):
+    """Inference over a split in batches. Returns (loss, accuracy)."""
     loss, right = 0.0, 0
     for s in range(0, len(labels), batch_size):
-        x = normalise(patches[s : s + batch_size])
+        logits = eval_logits(model, normalise(patches[s : s + batch_size], stats), rows, cols,
+                             fill_chunk)
         y = labels[s : s + batch_size]
-        b, k = x.shape[:2]
-        flat = x.reshape(b * k, *x.shape[2:])
-        z = torch.cat([model.backbone(flat[i : i + fill_chunk])
-                       for i in range(0, b * k, fill_chunk)])
-        z = z.view(b, rows, cols, -1).permute(0, 3, 1, 2)
-        logits = model.head(z)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         right += (logits.argmax(1) == y).sum().item()
     return loss / len(labels), right / len(labels)
 
 
+def schedule_steps(epochs, warmup_epochs, train_images, batch_size, decay_epochs=None):
+    """(warm-up steps, horizon steps) from epochs, as `train.warmup_epochs` and
+    `train.decay_epochs` define them: epochs times ceil(images / B) outer steps, rounded half
+    away from zero."""
+    per_epoch = math.ceil(train_images / batch_size)
+    half_up = lambda v: math.floor(v + 0.5)  # noqa: E731
+    horizon = epochs if decay_epochs is None else decay_epochs
+    return half_up(warmup_epochs * per_epoch), half_up(horizon * per_epoch)
+
+
 def train_run(data_dir, s, log=print):
     """Train PatchGD from scratch with settings `s` (a dict: patch, backbone, latent_dim,
     head_width, head_dropout, epochs, batch_size, lr, warmup_epochs, rho, accumulation,
-    fill_chunk, seed). Returns per-epoch metrics."""
+    fill_chunk, seed; optionally normalize as (mean, std), MNIST's by default). Returns
+    per-epoch metrics."""
     import random
     import time
 
     torch.manual_seed(s["seed"])
     random.seed(s["seed"])
+    stats = tuple(s.get("normalize", MNIST))
     train_x, train_y, rows, cols = load_split(data_dir, "train", s["patch"])
     val_x, val_y, _, _ = load_split(data_dir, "val", s["patch"])
     classes = int(max(train_y.max(), val_y.max())) + 1
@@ -316,9 +376,8 @@ def train_run(data_dir, s, log=print):
                        latent_dim=s["latent_dim"], head_width=s["head_width"],
                        classes=max(classes, 2), head_dropout=s["head_dropout"]))
     optimizer = adam(model, s["lr"])
-    steps_per_epoch = math.ceil(len(train_y) / s["batch_size"])
-    sched = scheduler(optimizer, round(s["warmup_epochs"] * steps_per_epoch),
-                      round(s["epochs"] * steps_per_epoch))
+    sched = scheduler(optimizer, *schedule_steps(s["epochs"], s["warmup_epochs"], len(train_y),
+                                                 s["batch_size"]))
     k = rows * cols
     metrics = []
     for epoch in range(1, s["epochs"] + 1):
@@ -329,14 +388,14 @@ def train_run(data_dir, s, log=print):
             idx = order[i : i + s["batch_size"]]
             perm = torch.randperm(k).tolist()
             chunks, step_after, group_size = plan(k, s["rho"], s["accumulation"], perm)
-            loss, logits = patchgd_step(model, optimizer, normalise(train_x[idx]), train_y[idx],
-                                        rows, cols, chunks, step_after, group_size,
-                                        s["fill_chunk"])
+            loss, logits = patchgd_step(model, optimizer, normalise(train_x[idx], stats),
+                                        train_y[idx], rows, cols, chunks, step_after,
+                                        group_size, s["fill_chunk"])
             sched.step()
             loss_sum += loss * len(idx)
             right += (logits.argmax(1) == train_y[idx]).sum().item()
         val_loss, val_acc = evaluate(model, val_x, val_y, rows, cols, s["batch_size"],
-                                     s["fill_chunk"])
+                                     s["fill_chunk"], stats)
         row = dict(epoch=epoch, train_loss=loss_sum / len(train_y),
                    train_accuracy=right / len(train_y), val_loss=val_loss,
                    val_accuracy=val_acc, seconds=time.time() - start)
