@@ -1,7 +1,7 @@
 //! Adam, owned rather than tch's built-in, so that its whole state (moments and step count) is
 //! plain tensors that a checkpoint can save and restore exactly (docs/architecture.md).
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::precision::LossScaler;
 use crate::dist::{DistError, GradientAverager, Group};
@@ -217,7 +217,8 @@ impl Adam {
                 if !g.defined() {
                     continue;
                 }
-                let g = g.to_kind(Kind::Float);
+                // The master's dtype: f32, or f64 where a test asks for exact gradients.
+                let g = g.to_kind(param.master.kind());
                 if let Err(e) = adam_update(
                     &mut param.master,
                     &g,
