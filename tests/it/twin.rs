@@ -483,3 +483,16 @@ fn a_trace_starts_with_the_run_and_the_twin_refuses_what_it_cannot_replay() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("no weights in the trace"), "{text}");
 }
+
+/// The parity bench's statistics (Welch's interval, the exact Mann-Whitney test, written
+/// without scipy in tests/twin/stats.py) against values from published tables.
+#[test]
+fn the_parity_benchs_statistics_match_published_tables() {
+    let out = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/twin/stats.py"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("stats: ok"), "{text}");
+}

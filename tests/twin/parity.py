@@ -1,13 +1,19 @@
 """The parity bench: the same PatchGD configuration trained by patchgd and by plain PyTorch
-(patchgd_torch.py, the implementation the step test checks patchgd against), a few seeds each,
-side by side with their spread (docs/benchmarks.md, "Parity with PyTorch").
+(patchgd_torch.py, the implementation the step test and the paired replay check patchgd
+against), several seeds each, with the difference of the means, its 95% confidence interval and
+a Mann-Whitney rank test (docs/benchmarks.md, "Parity with PyTorch").
 
-    scripts/parity                        # the demo's settings, seeds 42 43 44 (~35 min on 2 cores)
-    .venv/bin/python3 tests/twin/parity.py --seeds 42 --epochs 1   # a quick look
+    scripts/parity                                   # both configurations below
+    .venv/bin/python3 tests/twin/parity.py --config demo --seeds 42 --epochs 1   # a quick look
 
-Both sides read the demo's data set (`patchgd synth ultramnist --config pipelines/ultramnist.yaml`)
-and get every setting from SETTINGS below: patchgd as `--set` overrides of the pipeline file.
-Prints a Markdown table and writes it, with every epoch's figures, to OUT/parity.json.
+Configurations (CONFIGS): `demo`, the README's demo (pipelines/ultramnist.yaml), 8 seeds a
+side; `resnet18`, closer to real use (pipelines/ultramnist-resnet18.yaml: resnet18, 256 px,
+10 classes), 3 seeds a side. Both sides read the configuration's data set (`patchgd synth
+ultramnist --config PIPELINE`, which scripts/parity runs) and get every setting from CONFIGS:
+patchgd as `--set` overrides of the pipeline file. The seeds of the two sides are not paired
+(patchgd's generator is not PyTorch's): the runs are two samples. Prints a Markdown table per
+configuration and writes it, with every epoch's figures, to OUT/CONFIG/parity.json. A bench
+started again keeps the runs that file holds at the same settings (`--again` reruns them).
 """
 
 import argparse
@@ -20,21 +26,50 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import patchgd_torch as twin  # noqa: E402
+import stats  # noqa: E402
 
-# The demo's configuration (pipelines/ultramnist.yaml), key by key.
-SETTINGS = {
-    "patch": 32,
-    "backbone": "small_cnn",
-    "latent_dim": 64,
-    "head_width": 64,
-    "head_dropout": 0.2,
-    "epochs": 5,
-    "batch_size": 16,
-    "lr": 0.003,
-    "warmup_epochs": 1.0,
-    "rho": 0.25,
-    "accumulation": "zeta",
-    "fill_chunk": 512,
+# Each configuration's settings, key by key as its pipeline file has them.
+CONFIGS = {
+    "demo": {
+        "pipeline": "pipelines/ultramnist.yaml",
+        "data": "data/ultramnist",
+        "seeds": list(range(42, 50)),
+        "settings": {
+            "patch": 32,
+            "backbone": "small_cnn",
+            "latent_dim": 64,
+            "head_width": 64,
+            "head_dropout": 0.2,
+            "epochs": 8,
+            "batch_size": 16,
+            "lr": 0.003,
+            "warmup_epochs": 1.0,
+            "rho": 0.5,
+            "accumulation": "zeta",
+            "fill_chunk": 512,
+            "normalize": [0.1307, 0.3081],
+        },
+    },
+    "resnet18": {
+        "pipeline": "pipelines/ultramnist-resnet18.yaml",
+        "data": "data/ultramnist-resnet18",
+        "seeds": [42, 43, 44],
+        "settings": {
+            "patch": 64,
+            "backbone": "resnet18",
+            "latent_dim": 64,
+            "head_width": 64,
+            "head_dropout": 0.2,
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 0.001,
+            "warmup_epochs": 0.5,
+            "rho": 0.25,
+            "accumulation": "zeta",
+            "fill_chunk": 512,
+            "normalize": [0.1307, 0.3081],
+        },
+    },
 }
 
 PIPELINE_KEYS = {
@@ -53,8 +88,14 @@ PIPELINE_KEYS = {
 }
 
 
+def override(key, value):
+    if key == "normalize":
+        return f"source.normalize={{mean: [{value[0]}], std: [{value[1]}]}}"
+    return f"{PIPELINE_KEYS[key]}={value}"
+
+
 def run_patchgd(exe, pipeline, settings, seed, out):
-    sets = [f"{PIPELINE_KEYS[k]}={v}" for k, v in settings.items()]
+    sets = [override(k, v) for k, v in settings.items()]
     sets += [f"train.seed={seed}", f"output={out}", "train.device=cpu"]
     cmd = [exe, "run", pipeline, "--fresh", "--no-progress"]
     for s in sets:
@@ -85,43 +126,76 @@ def summary(runs):
     return finals, mean, sd, secs
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pipeline", default="pipelines/ultramnist.yaml")
-    p.add_argument("--data", default="data/ultramnist")
-    p.add_argument("--patchgd", default="target/debug/patchgd")
-    p.add_argument("--out", default="out/parity")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    p.add_argument("--epochs", type=int, default=SETTINGS["epochs"])
-    p.add_argument("--only", choices=["patchgd", "torch"])
-    args = p.parse_args()
-    settings = dict(SETTINGS, epochs=args.epochs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {"settings": settings, "patchgd": {}, "torch": {}}
-    for seed in args.seeds:
-        if args.only != "torch":
-            print(f"patchgd, seed {seed}", flush=True)
-            results["patchgd"][seed] = run_patchgd(args.patchgd, args.pipeline, settings, seed,
-                                                   str(out / f"patchgd-{seed}"))
-        if args.only != "patchgd":
-            print(f"PyTorch, seed {seed}", flush=True)
-            results["torch"][seed] = run_torch(args.data, settings, seed)
-    seeds = " | ".join(f"seed {s}" for s in args.seeds)
-    table = [f"| implementation | {seeds} | mean | sd | min-max | median s per run |",
-             "|---|" + "---|" * (len(args.seeds) + 4)]
+def tables(results, seeds):
+    """The Markdown table of final accuracies, and the comparison line under it."""
+    cells = " | ".join(f"seed {s}" for s in seeds)
+    table = [f"| implementation | {cells} | mean | sd | min-max | median s per run |",
+             "|---|" + "---|" * (len(seeds) + 4)]
+    finals = {}
     for name, label in [("patchgd", "patchgd"), ("torch", "PyTorch (tests/twin)")]:
         if not results[name]:
             continue
-        finals, mean, sd, secs = summary(results[name])
-        cells = " | ".join(f"{v:.3f}" for v in finals)
-        table.append(f"| {label} | {cells} | {mean:.3f} | {sd:.3f} | "
-                     f"{min(finals):.3f}-{max(finals):.3f} | {secs:.0f} |")
-    text = "\n".join(table)
-    print("\nFinal validation accuracy, " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    print(text)
-    results["table"] = text
-    (out / "parity.json").write_text(json.dumps(results, indent=1))
+        f, mean, sd, secs = summary(results[name])
+        finals[name] = f
+        row = " | ".join(f"{v:.3f}" for v in f)
+        table.append(f"| {label} | {row} | {mean:.3f} | {sd:.3f} | "
+                     f"{min(f):.3f}-{max(f):.3f} | {secs:.0f} |")
+    if len(finals) == 2 and min(len(v) for v in finals.values()) > 1:
+        a, b = finals["patchgd"], finals["torch"]
+        diff, lo, hi, df = stats.welch(a, b)
+        u, p, how = stats.mann_whitney(a, b)
+        table.append("")
+        table.append(f"patchgd - PyTorch: {diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (Welch, "
+                     f"{df:.1f} df); Mann-Whitney U = {u:g} of {len(a) * len(b)}, two-sided "
+                     f"p = {p:.3f} ({how})")
+    return "\n".join(table)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=list(CONFIGS), nargs="+", default=list(CONFIGS))
+    p.add_argument("--patchgd", default="target/debug/patchgd")
+    p.add_argument("--out", default="out/parity")
+    p.add_argument("--seeds", type=int, nargs="+", help="instead of the configuration's")
+    p.add_argument("--epochs", type=int, help="instead of the configuration's")
+    p.add_argument("--only", choices=["patchgd", "torch"])
+    p.add_argument("--again", action="store_true", help="rerun seeds already in parity.json")
+    args = p.parse_args()
+    for name in args.config:
+        config = CONFIGS[name]
+        settings = dict(config["settings"])
+        if args.epochs:
+            settings["epochs"] = args.epochs
+        seeds = args.seeds or config["seeds"]
+        out = Path(args.out) / name
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"config": name, "settings": settings, "patchgd": {}, "torch": {}}
+        earlier = out / "parity.json"
+        if earlier.exists() and not args.again:
+            # An interrupted bench goes on where it stopped: runs at the same settings are kept.
+            old = json.loads(earlier.read_text())
+            if old.get("settings") == settings:
+                for side in ("patchgd", "torch"):
+                    results[side] = {int(s): r for s, r in old[side].items() if int(s) in seeds}
+                kept = {side: sorted(results[side]) for side in ("patchgd", "torch")}
+                print(f"[{name}] kept from {earlier}: {kept} (--again runs them anew)")
+        for seed in seeds:
+            if args.only != "torch" and seed not in results["patchgd"]:
+                print(f"[{name}] patchgd, seed {seed}", flush=True)
+                results["patchgd"][seed] = run_patchgd(args.patchgd, config["pipeline"],
+                                                       settings, seed,
+                                                       str(out / f"patchgd-{seed}"))
+            if args.only != "patchgd" and seed not in results["torch"]:
+                print(f"[{name}] PyTorch, seed {seed}", flush=True)
+                results["torch"][seed] = run_torch(config["data"], settings, seed)
+            # Written after every run, so that an interrupted bench keeps what it measured.
+            (out / "parity.json").write_text(json.dumps(results, indent=1))
+        text = tables(results, seeds)
+        print(f"\n[{name}] final validation accuracy, "
+              + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        print(text, flush=True)
+        results["table"] = text
+        (out / "parity.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
