@@ -141,14 +141,24 @@ def tables(results, seeds):
         table.append(f"| {label} | {row} | {mean:.3f} | {sd:.3f} | "
                      f"{min(f):.3f}-{max(f):.3f} | {secs:.0f} |")
     if len(finals) == 2 and min(len(v) for v in finals.values()) > 1:
-        a, b = finals["patchgd"], finals["torch"]
-        diff, lo, hi, df = stats.welch(a, b)
-        u, p, how = stats.mann_whitney(a, b)
         table.append("")
-        table.append(f"patchgd - PyTorch: {diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (Welch, "
-                     f"{df:.1f} df); Mann-Whitney U = {u:g} of {len(a) * len(b)}, two-sided "
-                     f"p = {p:.3f} ({how})")
+        table.append(comparison("accuracy", finals["patchgd"], finals["torch"]))
+        # The loss moves before the accuracy does: the finer comparison where accuracy is
+        # still near chance.
+        losses = [[r["epochs"][-1]["val_loss"] for r in results[n].values()]
+                  for n in ("patchgd", "torch")]
+        table.append("")
+        table.append(comparison("validation loss", *losses))
     return "\n".join(table)
+
+
+def comparison(what, a, b):
+    """One line: each side's mean, the difference with its 95% interval, the rank test."""
+    diff, lo, hi, df = stats.welch(a, b)
+    u, p, how = stats.mann_whitney(a, b)
+    return (f"{what}: patchgd {statistics.mean(a):.3f}, PyTorch {statistics.mean(b):.3f}; "
+            f"patchgd - PyTorch {diff:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (Welch, {df:.1f} "
+            f"df); Mann-Whitney U = {u:g} of {len(a) * len(b)}, two-sided p = {p:.3f} ({how})")
 
 
 def main():
