@@ -351,10 +351,15 @@ fn a_query_survives_an_executor_killed_mid_scan() {
                 start.elapsed()
             );
             assert_eq!(sorted_rows(&got), sorted_rows(&expected));
-            // How: the heartbeats stopped, the scheduler removed the executor and gave its
-            // task to the other one (docs/cluster.md, "Failures").
+            // How: the scheduler saw the executor gone (its heartbeats stopped, or, sooner,
+            // launching a task on it failed), removed it and gave its tasks to the other one
+            // (docs/cluster.md, "Failures"). Which of the two comes first is a race.
             let scheduler = cluster.log("scheduler.err");
-            assert!(scheduler.contains("heartbeat timed out"), "{scheduler}");
+            assert!(
+                scheduler.contains("heartbeat timed out")
+                    || scheduler.contains("Failed to launch new task"),
+                "{scheduler}"
+            );
             assert!(scheduler.contains("on lost Executor"), "{scheduler}");
         }
         Err(e) => panic!(
