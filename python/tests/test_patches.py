@@ -126,14 +126,19 @@ def test_reading_a_32k_tiff_grows_memory_within_10_percent_of_the_clis_scan(patc
     TIFF, its process grows by no more than 10% over what `patchgd inspect --scan` grows by.
     (What each process holds before the scan differs: Python with torch and pyarrow imported
     takes about 150 MiB more than the command line; docs/python.md.)"""
+    import statistics
     import sys
 
     sys.path.insert(0, str(ROOT / "python" / "bench"))
     import reader as bench
 
     path = bench.synth_tiff(patchgd_bin, 32768, tmp_path)
-    n_cli, _, peak_cli, before_cli = bench.cli(patchgd_bin, path, 256, "dark:32", 2, 128)
-    n_py, _, peak_py, before_py = bench.child(bench.PATCHGD_READ, path, 256, "dark:32", 2, 128)
-    assert n_py == n_cli == 128 * 128
-    growth_cli, growth_py = peak_cli - before_cli, peak_py - before_py
-    assert growth_py <= 1.10 * growth_cli, (growth_py >> 20, growth_cli >> 20, peak_py >> 20)
+    growth_cli, growth_py = [], []
+    for _ in range(3):  # interleaved; the median of each (one run varies by +-15%)
+        n_cli, _, peak, before = bench.cli(patchgd_bin, path, 256, "dark:32", 2, 128)
+        growth_cli.append(peak - before)
+        n_py, _, peak, before = bench.child(bench.PATCHGD_READ, path, 256, "dark:32", 2, 128)
+        growth_py.append(peak - before)
+        assert n_py == n_cli == 128 * 128
+    cli, py = statistics.median(growth_cli), statistics.median(growth_py)
+    assert py <= 1.10 * cli, ([g >> 20 for g in growth_py], [g >> 20 for g in growth_cli])
