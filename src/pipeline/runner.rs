@@ -473,7 +473,9 @@ fn train_pass(
             // data-parallel run would wait for this one.
             let stop = trainer.group().size() == 1 && observer.stop_requested();
             let due = every > 0 && steps / every > *last_checkpoint_steps / every;
-            if !due && !(stop && *last_checkpoint_steps != steps) {
+            // A stop writes a checkpoint at this step unless one was just written.
+            let save_now = due || (stop && *last_checkpoint_steps != steps);
+            if !save_now {
                 return if stop {
                     Err(RunError::Stopped { step: steps })
                 } else {
