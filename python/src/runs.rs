@@ -40,7 +40,13 @@ impl PyObserver {
             if let Some(f) = &self.progress
                 && let Err(e) = f.call1(py, (event, value))
             {
-                self.keep_error(e);
+                // A Ctrl-C can also surface inside the callable (Python runs the signal
+                // handler between its bytecodes): it is a stop request too, not its error.
+                if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+                    self.interrupted.store(true, Ordering::SeqCst);
+                } else {
+                    self.keep_error(e);
+                }
             }
         });
     }
