@@ -121,7 +121,8 @@ def test_a_stream_is_read_once_and_other_arrow_readers_take_it(image_dir):
 
 
 def test_reading_a_32k_tiff_grows_memory_within_10_percent_of_the_clis_scan(patchgd_bin,
-                                                                            tmp_path):
+                                                                            tmp_path,
+                                                                            monkeypatch):
     """The Python reader keeps the source stage's memory bound: while it reads a 32k px tiled
     TIFF, its process grows by no more than 10% over what `patchgd inspect --scan` grows by.
     (What each process holds before the scan differs: Python with torch and pyarrow imported
@@ -132,16 +133,20 @@ def test_reading_a_32k_tiff_grows_memory_within_10_percent_of_the_clis_scan(patc
     sys.path.insert(0, str(ROOT / "python" / "bench"))
     import reader as bench
 
+    # Both processes get the same cap on glibc's malloc arenas. Left to glibc (8 per core),
+    # how many arenas a process ends up with depends on which thread first allocated when, and
+    # that moved either process's growth by 15 MiB from one run to the next: more than the
+    # 10% asked. docs/python.md has the figures with and without the cap.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     path = bench.synth_tiff(patchgd_bin, 32768, tmp_path)
     growth_cli, growth_py = [], []
-    for _ in range(3):  # interleaved; the median of each (one run varies by +-15%)
+    for _ in range(3):  # interleaved; the median of each
         n_cli, _, peak, before = bench.cli(patchgd_bin, path, 256, "dark:32", 2, 128)
         growth_cli.append(peak - before)
         n_py, _, peak, before = bench.child(bench.PATCHGD_READ, path, 256, "dark:32", 2, 128)
         growth_py.append(peak - before)
         assert n_py == n_cli == 128 * 128
     cli, py = statistics.median(growth_cli), statistics.median(growth_py)
-    # 10%, plus the measurement's own spread: the CLI alone grew by 34-57 MiB from one run to
-    # the next (docs/python.md), more than 10% of its ~50 MiB.
+    # 10%, plus what remains of the measurement's spread with the cap (single runs 28-41 MiB).
     spread = 8 << 20
     assert py <= 1.10 * cli + spread, ([g >> 20 for g in growth_py], [g >> 20 for g in growth_cli])
