@@ -1,6 +1,6 @@
 //! `patchgd inspect`: describe image objects, optionally stream every patch (`--scan`).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use patchgd::patch::Foreground;
 use patchgd::source::StreamConfig;
 use patchgd::source::inspect::{inspect as inspect_object, scan_entries};
@@ -82,30 +82,13 @@ pub fn run(args: InspectArgs) -> Result<()> {
         }
     }
     if args.scan {
-        let (light, threshold) = match args.foreground.strip_prefix("dark:") {
-            Some(t) => (false, t),
-            None => (
-                true,
-                args.foreground
-                    .strip_prefix("light:")
-                    .unwrap_or(&args.foreground),
-            ),
-        };
         let mut config = StreamConfig::new(args.patch, args.channels);
         config.stride = stride;
         config.level = args.level;
         config.decode_workers = args.workers;
         config.buffer_bytes = args.buffer_mib << 20;
-        config.foreground = Foreground {
-            threshold: threshold.parse().with_context(|| {
-                format!(
-                    "--foreground '{}': expected 0-255 or dark:N",
-                    args.foreground
-                )
-            })?,
-            light_background: light,
-            min_fraction: args.min_foreground,
-        };
+        config.foreground =
+            Foreground::parse(&args.foreground, args.min_foreground).map_err(anyhow::Error::msg)?;
         let rss_before = rss_bytes();
         let report = rt.block_on(scan_entries(loc, listing.images.clone(), config));
         let mib = report.pixel_bytes as f64 / (1 << 20) as f64;

@@ -23,6 +23,30 @@ impl Default for Foreground {
     }
 }
 
+impl Foreground {
+    /// From the command line's and Python's spelling: `220` or `light:220` (slides), `dark:30`
+    /// (a black canvas), and the fraction a patch needs to keep its pixels.
+    pub fn parse(spec: &str, min_fraction: f32) -> Result<Self, String> {
+        let (light_background, threshold) = match spec.strip_prefix("dark:") {
+            Some(t) => (false, t),
+            None => (true, spec.strip_prefix("light:").unwrap_or(spec)),
+        };
+        let threshold = threshold.parse().map_err(|_| {
+            format!("foreground '{spec}': expected a grey level 0-255, light:N or dark:N")
+        })?;
+        if !(0.0..=1.0).contains(&min_fraction) {
+            return Err(format!(
+                "min_fraction {min_fraction}: expected a fraction between 0 and 1"
+            ));
+        }
+        Ok(Self {
+            threshold,
+            light_background,
+            min_fraction,
+        })
+    }
+}
+
 /// Mean and standard deviation of every sample, and the foreground fraction of the pixels, over
 /// the part of the patch inside the image (`valid_w` x `valid_h`; zero padding is not counted).
 /// A pixel's grey level is the integer mean of its channels; the comparison is done on the
@@ -95,4 +119,26 @@ pub fn patch_stats(
         var.sqrt() as f32,
         (fg_pixels as f64 / pixels) as f32,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreground_specs_parse_and_bad_ones_name_what_was_expected() {
+        let light = Foreground::parse("light:200", 0.5).unwrap();
+        assert_eq!((light.threshold, light.light_background), (200, true));
+        assert_eq!(Foreground::parse("220", 0.0).unwrap().threshold, 220);
+        let dark = Foreground::parse("dark:30", 0.25).unwrap();
+        assert_eq!(
+            (dark.threshold, dark.light_background, dark.min_fraction),
+            (30, false, 0.25)
+        );
+        let e = Foreground::parse("dusk:3", 0.0).unwrap_err();
+        assert!(e.contains("'dusk:3'") && e.contains("dark:N"), "{e}");
+        assert!(Foreground::parse("light:300", 0.0).is_err());
+        let e = Foreground::parse("220", 1.5).unwrap_err();
+        assert!(e.contains("1.5"), "{e}");
+    }
 }

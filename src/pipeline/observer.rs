@@ -22,6 +22,12 @@ pub trait RunObserver: Send + Sync {
     fn epoch_finished(&self, _metrics: &EpochMetrics) {}
     /// The last epoch ended; outputs are written next.
     fn finished(&self) {}
+    /// Asked after every optimizer step: `true` stops the run there, after a checkpoint at
+    /// that step, with [`RunError::Stopped`](super::RunError::Stopped); the next run resumes
+    /// from it. (A notebook's Ctrl-C; honoured when the run is one process, not data-parallel.)
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// Notes as `tracing` events at level INFO (target `patchgd::run`); nothing else.

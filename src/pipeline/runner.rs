@@ -101,6 +101,15 @@ pub enum RunError {
     /// The async runtime could not start.
     #[error("cannot start the runtime for the source and stores: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The observer asked to stop ([`RunObserver::stop_requested`]); a checkpoint at this step
+    /// was written first, so running again resumes here.
+    #[error(
+        "stopped at step {step} as asked; the checkpoint at this step is written: run again to resume"
+    )]
+    Stopped {
+        /// The optimizer step the run stopped after.
+        step: i64,
+    },
 }
 
 /// How to run beyond what the pipeline file says.
@@ -460,8 +469,18 @@ fn train_pass(
                 trace.steps(start.epoch, trainer)?;
             }
             let steps = trainer.optimizer.steps;
-            if every == 0 || steps / every <= *last_checkpoint_steps / every {
-                return Ok(());
+            // A stop is honoured only in a run of one process: the other ranks of a
+            // data-parallel run would wait for this one.
+            let stop = trainer.group().size() == 1 && observer.stop_requested();
+            let due = every > 0 && steps / every > *last_checkpoint_steps / every;
+            // A stop writes a checkpoint at this step unless one was just written.
+            let save_now = due || (stop && *last_checkpoint_steps != steps);
+            if !save_now {
+                return if stop {
+                    Err(RunError::Stopped { step: steps })
+                } else {
+                    Ok(())
+                };
             }
             *last_checkpoint_steps = steps;
             let position = EpochPosition { pass, ..start };
@@ -471,7 +490,11 @@ fn train_pass(
                 trainer,
                 &state,
                 def.checkpoint.keep,
-            ))
+            ))?;
+            if stop {
+                return Err(RunError::Stopped { step: steps });
+            }
+            Ok(())
         },
     )
 }

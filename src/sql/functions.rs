@@ -19,16 +19,29 @@ use crate::storage::StoreOptions;
 
 /// Register the table functions and UDFs in `ctx`.
 pub fn register(ctx: &SessionContext, storage: &StoreOptions, reported: &Reported) {
+    for (name, function) in table_functions(storage, reported) {
+        ctx.register_udtf(name, function);
+    }
+    for udf in udfs() {
+        ctx.register_udf(udf.as_ref().clone());
+    }
+}
+
+/// patchgd's table functions by name; scans they start read with `storage` and report the
+/// images they cannot read to `reported` (the Python package hands them to other hosts).
+pub fn table_functions(
+    storage: &StoreOptions,
+    reported: &Reported,
+) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
     let common = Common {
         storage: storage.clone(),
         failures: reported.0.clone(),
     };
-    ctx.register_udtf("images", Arc::new(ImagesFunction(common.clone())));
-    ctx.register_udtf("patches", Arc::new(PatchesFunction(common.clone())));
-    ctx.register_udtf("latents", Arc::new(LatentsFunction(common)));
-    for udf in udfs() {
-        ctx.register_udf(udf.as_ref().clone());
-    }
+    vec![
+        ("images", Arc::new(ImagesFunction(common.clone()))),
+        ("patches", Arc::new(PatchesFunction(common.clone()))),
+        ("latents", Arc::new(LatentsFunction(common))),
+    ]
 }
 
 /// patchgd's scalar UDFs (a cluster's scheduler and executors register them too).
