@@ -32,6 +32,16 @@ __version__ = _patchgd.__version__
 __all__ = ["PatchgdError", "Table", "patches", "predict", "register", "run", "sql"]
 
 
+def __getattr__(name: str) -> Any:
+    # `patchgd.torch.PatchDataset` after a plain `import patchgd`, as users write it: the
+    # submodule is imported on first use.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("patchgd.torch")
+    raise AttributeError(f"module 'patchgd' has no attribute '{name}'")
+
+
 def patches(
     url: str,
     patch: int = 256,

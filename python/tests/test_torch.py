@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import torch
 
@@ -46,3 +49,11 @@ def test_a_dataloader_trains_a_small_model_on_the_stream(image_dir):
     assert patches > 200 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_the_dataset_is_reached_from_a_plain_import_patchgd():
+    # A fresh interpreter: in this one other tests have imported patchgd.torch already.
+    out = subprocess.run([sys.executable, "-c",
+                          "import patchgd; print(patchgd.torch.PatchDataset.__name__)"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "PatchDataset", out.stderr
