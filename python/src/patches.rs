@@ -173,6 +173,32 @@ fn read_mode(read: &str) -> PyResult<Read> {
     }
 }
 
+/// The images under `url` cut into `patch` px patches at `level`, as every entry point
+/// (`patches`, `sql`, `register`) takes them, with their arguments checked.
+pub(crate) fn data_set(
+    url: &str,
+    patch: usize,
+    level: usize,
+    channels: usize,
+    labels: Option<String>,
+    storage: StoreOptions,
+) -> PyResult<DataSet> {
+    if patch == 0 {
+        return Err(msg("patch and stride must be at least 1 pixel"));
+    }
+    if channels != 1 && channels != 3 {
+        return Err(msg(format!(
+            "channels={channels}: expected 1 (grey) or 3 (RGB)"
+        )));
+    }
+    let mut data = DataSet::new(url, patch);
+    data.labels = labels;
+    data.storage = storage;
+    data.stream.level = level;
+    data.stream.channels = channels;
+    Ok(data)
+}
+
 /// Object store settings from a dict of strings (the command line's `--storage KEY=VALUE`).
 pub fn store_options(storage: Option<&Bound<'_, PyDict>>) -> PyResult<StoreOptions> {
     let mut pairs = vec![];
@@ -209,21 +235,12 @@ pub fn patches(
     strict: bool,
 ) -> PyResult<ArrowStream> {
     guard("patches", || {
-        if patch == 0 || stride == Some(0) {
+        if stride == Some(0) {
             return Err(msg("patch and stride must be at least 1 pixel"));
         }
-        if channels != 1 && channels != 3 {
-            return Err(msg(format!(
-                "channels={channels}: expected 1 (grey) or 3 (RGB)"
-            )));
-        }
-        let mut data = DataSet::new(url, patch);
-        data.labels = labels;
-        data.storage = store_options(storage)?;
+        let mut data = data_set(url, patch, level, channels, labels, store_options(storage)?)?;
         let config = &mut data.stream;
         config.stride = stride.unwrap_or(patch);
-        config.level = level;
-        config.channels = channels;
         config.read = read_mode(read)?;
         config.foreground = Foreground::parse(foreground, min_fraction).map_err(msg)?;
         config.decode_workers = workers

@@ -2,12 +2,13 @@
 //! in patchgd's own DataFusion session; the result comes back as Arrow.
 
 use arrow::record_batch::RecordBatchIterator;
-use patchgd::sql::{DataSet, Sources, query, register, session_with_partitions};
+use patchgd::sql::{query, register, session_with_partitions};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::errors::{self, guard, msg};
-use crate::patches::{ArrowStream, Reporter, store_options};
+use crate::errors::{self, guard};
+use crate::patches::{ArrowStream, Reporter};
+use crate::tables::sources;
 
 /// Runs one read-only query over the images under `images` (tables `images`, `patches`) and
 /// the run directory `run` (`metrics`, `predictions`, `errors`, `heatmaps`, `latents`), as
@@ -30,25 +31,7 @@ pub fn sql(
     failures: Option<Bound<'_, PyList>>,
 ) -> PyResult<ArrowStream> {
     guard("sql", || {
-        if channels != 1 && channels != 3 {
-            return Err(msg(format!(
-                "channels={channels}: expected 1 (grey) or 3 (RGB)"
-            )));
-        }
-        let storage = store_options(storage)?;
-        let mut sources = Sources {
-            storage: storage.clone(),
-            run,
-            ..Default::default()
-        };
-        if let Some(images) = images {
-            let mut data = DataSet::new(&images, patch);
-            data.labels = labels;
-            data.storage = storage;
-            data.stream.level = level;
-            data.stream.channels = channels;
-            sources.data = Some(data);
-        }
+        let sources = sources(images, labels, patch, level, channels, run, storage)?;
         let partitions = partitions.unwrap_or_else(patchgd::sql::default_partitions);
         let result = py.detach(|| {
             crate::runtime().block_on(async {

@@ -16,12 +16,12 @@ use datafusion_ffi::proto::logical_extension_codec::FFI_LogicalExtensionCodec;
 use datafusion_ffi::table_provider::FFI_TableProvider;
 use datafusion_ffi::udf::FFI_ScalarUDF;
 use datafusion_ffi::udtf::FFI_TableFunction;
-use patchgd::sql::{DataSet, Reported, Sources, register};
+use patchgd::sql::{Reported, Sources, register};
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyDict, PyList};
 
 use crate::errors::{self, guard, msg};
-use crate::patches::{Reporter, store_options};
+use crate::patches::{Reporter, data_set, store_options};
 
 /// One of patchgd's tables, ready to be registered in a datafusion-python session.
 #[pyclass(module = "patchgd._patchgd", frozen)]
@@ -192,6 +192,33 @@ pub fn functions(
     Ok((scalars, tables))
 }
 
+/// What `patchgd sql --images ... --run ...` registers: a data set (when `images` is given)
+/// and a run's output directory, with the Python arguments checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sources(
+    images: Option<String>,
+    labels: Option<String>,
+    patch: usize,
+    level: usize,
+    channels: usize,
+    run: Option<String>,
+    storage: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Sources> {
+    let storage = store_options(storage)?;
+    let data = match images {
+        Some(images) => Some(data_set(
+            &images,
+            patch,
+            level,
+            channels,
+            labels,
+            storage.clone(),
+        )?),
+        None => None,
+    };
+    Ok(Sources { data, run, storage })
+}
+
 /// patchgd's tables for a data set and a run: `images`, `patches` (with `images`) and the
 /// run's `metrics`, `predictions`, `errors`, `heatmaps`, `latents` (with `run`).
 #[pyfunction]
@@ -209,20 +236,7 @@ pub fn tables(
     storage: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Vec<Table>> {
     guard("tables", || {
-        let storage = store_options(storage)?;
-        let mut sources = Sources {
-            storage: storage.clone(),
-            run,
-            ..Default::default()
-        };
-        if let Some(images) = images {
-            let mut data = DataSet::new(&images, patch);
-            data.labels = labels;
-            data.storage = storage;
-            data.stream.level = level;
-            data.stream.channels = channels;
-            sources.data = Some(data);
-        }
+        let sources = sources(images, labels, patch, level, channels, run, storage)?;
         let built = py.detach(|| {
             crate::runtime().block_on(async {
                 let ctx = patchgd::sql::session();

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import datafusion
+import pytest
 import pyarrow.parquet as pq
 
 import patchgd
@@ -72,3 +73,11 @@ def test_udfs_and_table_functions_work_in_datafusion_python(image_dir):
     t = ctx.sql(query).to_arrow_table()
     assert t["n"].to_pylist() == [15] and t["b"].to_pylist() == [32 * 32 * 3]
     assert patchgd.sql(query)["n"].to_pylist() == [15]
+
+
+def test_register_and_sql_check_their_arguments_as_patches_does(image_dir):
+    ctx = datafusion.SessionContext()
+    with pytest.raises(patchgd.PatchgdError, match="channels=2: expected 1"):
+        patchgd.register(ctx, images=str(image_dir), channels=2)
+    with pytest.raises(patchgd.PatchgdError, match="at least 1 pixel"):
+        patchgd.sql("SELECT count(*) FROM patches", images=str(image_dir), patch=0)
