@@ -474,23 +474,17 @@ fn train_pass(
             let stop = trainer.group().size() == 1 && observer.stop_requested();
             let due = every > 0 && steps / every > *last_checkpoint_steps / every;
             // A stop writes a checkpoint at this step unless one was just written.
-            let save_now = due || (stop && *last_checkpoint_steps != steps);
-            if !save_now {
-                return if stop {
-                    Err(RunError::Stopped { step: steps })
-                } else {
-                    Ok(())
-                };
+            if due || (stop && *last_checkpoint_steps != steps) {
+                *last_checkpoint_steps = steps;
+                let position = EpochPosition { pass, ..start };
+                let state = TrainingState::capture(trainer, ledger, Some(position), def);
+                rt.block_on(save(
+                    &data.checkpoints,
+                    trainer,
+                    &state,
+                    def.checkpoint.keep,
+                ))?;
             }
-            *last_checkpoint_steps = steps;
-            let position = EpochPosition { pass, ..start };
-            let state = TrainingState::capture(trainer, ledger, Some(position), def);
-            rt.block_on(save(
-                &data.checkpoints,
-                trainer,
-                &state,
-                def.checkpoint.keep,
-            ))?;
             if stop {
                 return Err(RunError::Stopped { step: steps });
             }
