@@ -6,7 +6,8 @@
 - openslide-python: ``read_region`` over the same 256 px grid, in a plain Python loop, each
   region turned into a numpy array (what a PyTorch Dataset over OpenSlide does per patch).
 
-Run with ``scripts/bench-python`` (it installs openslide-python and its library into .venv).
+Run with ``scripts/bench-python`` (it installs openslide-python and its library into
+.venv-readers, ``scripts/setup readers``).
 Prints a Markdown table; ``--json FILE`` also writes the measurements. ``peak RSS`` is the
 process's during the scan; ``growth`` that minus the RSS before the scan: the reader's own
 memory, without the interpreter, torch and libtorch that the process had loaded before, and
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+READERS_PY = ROOT / ".venv-readers" / "bin" / "python3"
 
 # Each child reports: patches, seconds, peak RSS of the scan (VmHWM, reset just before it:
 # the imports' own peak is not the reader's), RSS before the scan.
@@ -96,9 +98,9 @@ def cli(exe: Path, path: Path, patch: int, fg: str, workers: int, buffer: int):
     return int(m.group(1)), float(m.group(2)), int(m.group(4)) << 20, int(m.group(3)) << 20
 
 
-def child(script: str, *args) -> tuple[int, float, int, int]:
+def child(script: str, *args, python=PY) -> tuple[int, float, int, int]:
     """(patches, seconds, peak RSS of the scan, RSS before it) from a fresh interpreter."""
-    out = subprocess.run([PY, "-c", script, *map(str, args)], capture_output=True, text=True,
+    out = subprocess.run([str(python), "-c", script, *map(str, args)], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout.split()
     return int(out[0]), float(out[1]), int(out[2]), int(out[3])
 
@@ -142,7 +144,8 @@ def main() -> None:
             runs["patchgd.patches (Python)"].append(
                 child(PATCHGD_READ, path, 256, fg, args.workers, args.buffer_mib))
             if not args.no_openslide:
-                runs["openslide-python read_region loop"].append(child(OPENSLIDE_READ, path, 256))
+                runs["openslide-python read_region loop"].append(
+                    child(OPENSLIDE_READ, path, 256, python=READERS_PY))
         ref = None
         for reader, measured in runs.items():
             n = measured[0][0]
