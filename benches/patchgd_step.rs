@@ -167,7 +167,7 @@ impl Ours {
 /// Where patchgd's step spends its time: the step's own pieces ([`fill`], [`inner_forward`],
 /// the backward pass, Adam), called in the order `outer_step` calls them and timed one by one.
 /// Seconds per step, medians over `n` steps: fill, inner forward (backbone and head), backward,
-/// Adam (with zero_grad).
+/// Adam (with zero_grad). CPU figures: on a GPU the pieces are not synchronised one by one.
 fn phases(ours: &mut Ours, n: usize) -> [f64; 4] {
     let s = ours.setting;
     let mut rows: Vec<[f64; 4]> = Vec::new();
