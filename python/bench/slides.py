@@ -8,7 +8,8 @@ runtime threads included. Rounds alternate the readers; the table shows medians.
 
 Readers:
 - ``patchgd.patches``: the source stage (fetch, decode, cut, statistics, Arrow batches) from
-  Python, timed from the stream's start; its workers = the cores;
+  Python, timed from the stream's start; its workers = the cores (``--patchgd-workers N``
+  instead: bands fetched and decoded at once);
 - ``patchgd sql``: the command line, ``SELECT count(*), avg(mean) FROM patches``, the whole
   process (start, listing, planning) timed;
 - openslide-python (openslide-bin): ``read_region`` -> RGB -> array, a thread pool of N;
@@ -225,6 +226,8 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--patchgd-workers", type=int,
+                   help="patchgd's decode workers (bands in flight); default: the cores")
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()
@@ -242,9 +245,10 @@ def main() -> None:
                 sources.append(("S3", prefix, keys, s3.patchgd, s3.fsspec))
             for source, url, paths, storage, fsspec in sources:
                 for threads in args.threads:
+                    workers = args.patchgd_workers or threads
                     runs = {
                         "patchgd.patches": lambda: child(
-                            [str(PY), "-c", PATCHGD, url, str(threads), str(TILE),
+                            [str(PY), "-c", PATCHGD, url, str(workers), str(TILE),
                              json.dumps(storage)], threads),
                         "patchgd sql (whole command)": lambda: cli(exe, url, threads, storage),
                     }
