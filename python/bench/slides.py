@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -151,38 +150,20 @@ def cli(exe: Path, url: str, cores: int, storage: dict) -> tuple[int, float, flo
     return int(n), secs, float(total)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class S3:
-    """moto's S3 server on 127.0.0.1 (as the tests start it), with the objects uploaded."""
+    """moto's S3 server on 127.0.0.1, as the tests start it (python/tests/s3server.py), with a
+    public bucket for the objects."""
 
     def __init__(self):
-        import boto3
+        sys.path.insert(0, str(ROOT / "python" / "tests"))
+        import s3server
 
-        port = free_port()
-        self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "moto_server"), "-H",
-                                      "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("moto_server did not start")
-                time.sleep(0.1)
-        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                                   aws_access_key_id="test", aws_secret_access_key="test")
+        try:
+            self.proc, self.endpoint, self.client = s3server.start()
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
         self.client.create_bucket(Bucket="slides", ACL="public-read-write")
-        # patchgd reads public buckets unsigned (it takes credentials from the environment only).
-        self.patchgd = {"endpoint": self.endpoint, "allow_http": "true", "region": "us-east-1",
-                        "skip_signature": "true"}
+        self.patchgd = s3server.patchgd_options(self.endpoint)
         self.fsspec = {"anon": True, "client_kwargs": {"endpoint_url": self.endpoint,
                                                        "region_name": "us-east-1"}}
 

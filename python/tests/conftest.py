@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import s3server
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,42 +56,16 @@ def run_cli(exe: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3():
     """moto's S3 server, as the Rust tests start it; yields (boto3 client, storage options).
 
     Create buckets with ``ACL="public-read-write"``: patchgd reads them unsigned."""
-    server = ROOT / ".venv" / "bin" / "moto_server"
-    if not server.exists():
-        pytest.fail(f"{server} not found: run scripts/setup moto")
-    import boto3
-
-    port = free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("moto_server did not start")
-            time.sleep(0.1)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")
-    # As the Rust tests: public buckets read with unsigned requests (patchgd takes credentials
-    # from the environment only, never from settings).
-    options = {"endpoint": endpoint, "allow_http": "true", "region": "us-east-1",
-               "skip_signature": "true"}
+    try:
+        proc, endpoint, client = s3server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    options = s3server.patchgd_options(endpoint)
     try:
         yield client, options
     finally:
