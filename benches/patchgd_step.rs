@@ -208,11 +208,7 @@ fn phases(ours: &mut Ours, n: usize) -> [f64; 4] {
         }
         rows.push(t);
     }
-    std::array::from_fn(|i| {
-        let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    })
+    std::array::from_fn(|i| spread(rows.iter().map(|r| r[i]).collect()).median)
 }
 
 /// The twin's side: `tests/twin/step_server.py`, alive for the whole setting.
@@ -226,22 +222,22 @@ impl Twin {
     fn start(s: &Setting, threads: i32) -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let python = root.join(".venv/bin/python3");
-        let settings = format!(
-            r#"{{"backbone": "{}", "channels": {}, "latent_dim": {}, "head_width": {}, "classes": {}, "images": {}, "grid": {}, "patch": {}, "rho": {}, "fill_chunk": {}, "threads": {threads}}}"#,
-            s.backbone.name(),
-            s.channels,
-            s.latent,
-            s.head,
-            s.classes,
-            s.images,
-            s.grid,
-            s.patch,
-            s.rho,
-            s.fill_chunk
-        );
+        let settings = serde_json::json!({
+            "backbone": s.backbone.name(),
+            "channels": s.channels,
+            "latent_dim": s.latent,
+            "head_width": s.head,
+            "classes": s.classes,
+            "images": s.images,
+            "grid": s.grid,
+            "patch": s.patch,
+            "rho": s.rho,
+            "fill_chunk": s.fill_chunk,
+            "threads": threads,
+        });
         let mut child = Command::new(&python)
             .arg(root.join("tests/twin/step_server.py"))
-            .arg(settings)
+            .arg(settings.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
